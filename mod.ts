@@ -1,0 +1,17 @@
+/**
+ * A WebSocket (RFC 6455) library for Deno with zero dependencies: a port of
+ * Go's gorilla/websocket, made idiomatic TypeScript.
+ *
+ * - {@linkcode Upgrader} upgrades an HTTP request on the server side and
+ *   {@linkcode serve} is the HTTP/1.1 server that can hand its connection over.
+ * - {@linkcode Dialer} opens client connections (`ws://`, `wss://`, proxies).
+ * - {@linkcode Conn} reads and writes messages, streams, control frames.
+ * - permessage-deflate (RFC 7692) is negotiated with `enableCompression`.
+ *
+ * @module
+ */
+export * from "./frame.ts";
+export * from "./conn.ts";
+export * from "./upgrader.ts";
+export * from "./dialer.ts";
+export * from "./deflate.ts";
