@@ -1,0 +1,1223 @@
+// The HTTP/1.1 server behind serve(): a front end on Deno.listen /
+// Deno.listenTls with Deno.serve's handler shape, whose connections an
+// Upgrader can take over (see _hijack.ts). Deno.serve cannot hand over its
+// socket (../shared/DESIGN.md), which is why this exists.
+//
+// Each connection runs one loop: read a head, build a Request, await the
+// handler, write the Response, finish the request body, repeat. Nothing is
+// read ahead of what the current request needs, so the bytes behind an
+// upgrade request are still buffered, untouched, when the Upgrader takes the
+// socket. Pipelined requests are answered in order for the same reason.
+
+import { headerHasToken } from "./_handshake.ts";
+import { type HijackedConnection, registerConnection } from "./_hijack.ts";
+import {
+  DEFAULT_MAX_HEADERS,
+  DEFAULT_MAX_REQUEST_LINE_BYTES,
+  HttpError,
+  parseRequestHead,
+  readHead,
+  type RequestHead,
+} from "./_http.ts";
+
+/** Options for {@linkcode serve}. */
+export interface ServeOptions {
+  /** Port to listen on; `0` picks a free one (see `onListen` / `addr`). Default `8000`. */
+  port?: number;
+  /**
+   * Address to listen on. Default `"0.0.0.0"` (every IPv4 interface), as
+   * `Deno.serve`; use `"127.0.0.1"` to accept local clients only.
+   */
+  hostname?: string;
+  /** PEM certificate chain: with `key`, serves HTTPS (and `wss:`). */
+  cert?: string;
+  /** PEM private key for `cert`. */
+  key?: string;
+  /** Aborting it shuts the server down gracefully, as `shutdown()` does. */
+  signal?: AbortSignal;
+  /**
+   * Called once the server listens. Default: logs
+   * `Listening on http://<hostname>:<port>/`.
+   */
+  onListen?: (addr: Deno.NetAddr) => void;
+  /**
+   * Turns an error thrown by the handler into the response sent. Default:
+   * logs the error and answers `500 Internal Server Error`.
+   */
+  onError?: (error: unknown) => Response | Promise<Response>;
+  /** Most bytes a request head may take; larger heads get 431. Default 16 KiB. */
+  maxHeadBytes?: number;
+  /** Most bytes the request line may take; longer ones get 414. Default 8 KiB. */
+  maxRequestLineBytes?: number;
+  /** Most header fields a request may have; more get 431. Default 100. */
+  maxHeaders?: number;
+  /**
+   * Milliseconds a request head may take from its first byte to its blank
+   * line; slower heads (slowloris) get 408 and the connection closes.
+   * Default 10 000.
+   */
+  headTimeout?: number;
+  /**
+   * Milliseconds a keep-alive connection may wait for the first byte of its
+   * next request before it is closed. Default 30 000.
+   */
+  idleTimeout?: number;
+}
+
+/** What {@linkcode serve} passes to the handler beside the request. */
+export interface ServeHandlerInfo {
+  /** The client's address. */
+  remoteAddr: Deno.NetAddr;
+  /**
+   * Settles when the response has been written out, or the connection
+   * ended first, or the connection was taken over. Never rejects.
+   */
+  completed: Promise<void>;
+}
+
+/**
+ * Answers a request, like a `Deno.serve` handler. It returns nothing only
+ * for a request whose connection it took over (`upgrader.upgrade(request)`).
+ */
+export type ServeHandler = (
+  request: Request,
+  info: ServeHandlerInfo,
+) => Response | void | Promise<Response | void>;
+
+/** Options for {@linkcode Server.shutdown}. */
+export interface ShutdownOptions {
+  /**
+   * Also close the WebSocket connections upgraded from this server, each
+   * with a closing handshake (close code 1001, "going away"). Default false:
+   * they stay open and belong to the application.
+   */
+  closeWebSockets?: boolean;
+  /**
+   * Milliseconds to wait for in-flight requests (and closing handshakes)
+   * before their sockets are closed. Default 5000.
+   */
+  timeout?: number;
+}
+
+/** A running server, returned by {@linkcode serve}. */
+export interface Server extends AsyncDisposable {
+  /** The address the server listens on (with the real port when `port` was 0). */
+  readonly addr: Deno.NetAddr;
+  /**
+   * Settles once the server has stopped: the listener closed and every HTTP
+   * connection ended (and, when asked, every WebSocket closed). Never
+   * rejects.
+   */
+  readonly finished: Promise<void>;
+  /**
+   * Stops accepting connections, closes idle ones, lets in-flight requests
+   * finish (up to `timeout`) and resolves when all has ended. Calling it
+   * again returns the same promise.
+   */
+  shutdown(options?: ShutdownOptions): Promise<void>;
+}
+
+const DEFAULT_MAX_HEAD_BYTES = 16 * 1024;
+const DEFAULT_HEAD_TIMEOUT = 10_000;
+const DEFAULT_IDLE_TIMEOUT = 30_000;
+const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
+/** A body no larger than this is sent in one write with its head. */
+const COALESCE_BYTES = 64 * 1024;
+/** Unread request body a keep-alive connection may discard; more closes it. */
+const MAX_DRAIN_BYTES = 256 * 1024;
+/** How long an erroring connection keeps reading so the client sees the error. */
+const LINGER_MS = 500;
+const BODY_READ_SIZE = 64 * 1024;
+
+const encoder = new TextEncoder();
+
+/**
+ * Serves HTTP/1.1 on TCP, or TLS with `cert` and `key`, calling `handler`
+ * for every request as `Deno.serve` does; unlike `Deno.serve`, a handler can
+ * take the connection over with `upgrader.upgrade(request)`.
+ *
+ * Requests have streaming bodies (`Content-Length` or chunked, with
+ * `Expect: 100-continue` answered when the body is first read); responses go
+ * out with `Content-Length` when the body is complete at once, chunked when
+ * it streams (HTTP/1.0 clients: until the connection closes). Connections are
+ * kept alive and pipelined requests answered in order. Malformed or
+ * oversized requests get 400, 414, 431 or 501 and their connection is closed
+ * without disturbing others.
+ *
+ * @param options Where to listen, TLS, limits, timeouts, callbacks.
+ * @param handler Answers each request.
+ * @returns The running server.
+ * @throws {TypeError} If `handler` is not a function, only one of `cert` and
+ * `key` is given, or an option has the wrong type.
+ * @throws {RangeError} If a limit or timeout is not a positive number.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ *
+ * @example Serve a request on a free port
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve } from "./upgrader.ts";
+ *
+ * const server = serve(
+ *   { hostname: "127.0.0.1", port: 0, onListen() {} },
+ *   (request) => new Response(`Hello ${new URL(request.url).pathname}`),
+ * );
+ * const response = await fetch(`http://127.0.0.1:${server.addr.port}/world`);
+ * assert.equal(await response.text(), "Hello /world");
+ * await server.shutdown();
+ * ```
+ */
+export function serve(options: ServeOptions, handler: ServeHandler): Server {
+  if (typeof handler !== "function") {
+    throw new TypeError(
+      `Cannot serve: the handler must be a function, got ${typeof handler}`,
+    );
+  }
+  if (options === null || typeof options !== "object") {
+    throw new TypeError("Cannot serve: options must be an object");
+  }
+  return new HttpServer(options, handler);
+}
+
+function positive(
+  value: number | undefined,
+  name: string,
+  fallback: number,
+): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== "number" || !(value > 0)) {
+    throw new RangeError(
+      `Cannot serve: ${name} must be a positive number, got ${value}`,
+    );
+  }
+  return value;
+}
+
+interface Settings {
+  maxHeadBytes: number;
+  maxRequestLineBytes: number;
+  maxHeaders: number;
+  headTimeout: number;
+  idleTimeout: number;
+}
+
+class HttpServer implements Server {
+  readonly #listener: Deno.Listener;
+  readonly #handler: ServeHandler;
+  readonly #onError: (error: unknown) => Response | Promise<Response>;
+  readonly #settings: Settings;
+  readonly #scheme: "http" | "https";
+  readonly #connections = new Set<HttpConnection>();
+  readonly #closers = new Set<(timeoutMs: number) => Promise<void>>();
+  readonly #finished = Promise.withResolvers<void>();
+  readonly #accepting: Promise<void>;
+  #shutdown: Promise<void> | undefined;
+  #closing = false;
+
+  constructor(options: ServeOptions, handler: ServeHandler) {
+    this.#handler = handler;
+    this.#onError = options.onError ?? defaultOnError;
+    this.#settings = {
+      maxHeadBytes: positive(
+        options.maxHeadBytes,
+        "maxHeadBytes",
+        DEFAULT_MAX_HEAD_BYTES,
+      ),
+      maxRequestLineBytes: positive(
+        options.maxRequestLineBytes,
+        "maxRequestLineBytes",
+        DEFAULT_MAX_REQUEST_LINE_BYTES,
+      ),
+      maxHeaders: positive(
+        options.maxHeaders,
+        "maxHeaders",
+        DEFAULT_MAX_HEADERS,
+      ),
+      headTimeout: positive(
+        options.headTimeout,
+        "headTimeout",
+        DEFAULT_HEAD_TIMEOUT,
+      ),
+      idleTimeout: positive(
+        options.idleTimeout,
+        "idleTimeout",
+        DEFAULT_IDLE_TIMEOUT,
+      ),
+    };
+    if ((options.cert === undefined) !== (options.key === undefined)) {
+      throw new TypeError(
+        "Cannot serve over TLS: cert and key must be given together",
+      );
+    }
+    const hostname = options.hostname ?? "0.0.0.0";
+    const port = options.port ?? 8000;
+    options.signal?.throwIfAborted();
+    if (options.cert !== undefined && options.key !== undefined) {
+      this.#scheme = "https";
+      this.#listener = Deno.listenTls({
+        hostname,
+        port,
+        cert: options.cert,
+        key: options.key,
+      });
+    } else {
+      this.#scheme = "http";
+      this.#listener = Deno.listen({ hostname, port });
+    }
+    const onListen = options.onListen ?? ((addr: Deno.NetAddr) => {
+      const host = addr.hostname.includes(":")
+        ? `[${addr.hostname}]`
+        : addr.hostname;
+      console.log(`Listening on ${this.#scheme}://${host}:${addr.port}/`);
+    });
+    onListen(this.addr);
+    options.signal?.addEventListener("abort", () => this.shutdown(), {
+      once: true,
+    });
+    this.#accepting = this.#accept();
+  }
+
+  get addr(): Deno.NetAddr {
+    return this.#listener.addr as Deno.NetAddr;
+  }
+
+  get finished(): Promise<void> {
+    return this.#finished.promise;
+  }
+
+  get closing(): boolean {
+    return this.#closing;
+  }
+
+  get settings(): Settings {
+    return this.#settings;
+  }
+
+  get scheme(): "http" | "https" {
+    return this.#scheme;
+  }
+
+  get handler(): ServeHandler {
+    return this.#handler;
+  }
+
+  /** Runs `onError`, falling back to a plain 500 if it fails too. */
+  async errorResponse(error: unknown): Promise<Response> {
+    try {
+      const response = await this.#onError(error);
+      if (response instanceof Response) return response;
+      console.error(
+        new TypeError("onError returned something other than a Response"),
+      );
+    } catch (onErrorFailure) {
+      console.error(onErrorFailure);
+    }
+    return plainResponse(500);
+  }
+
+  /** Registers a WebSocket closer for shutdown; returns its unregister. */
+  track(closer: (timeoutMs: number) => Promise<void>): () => void {
+    this.#closers.add(closer);
+    return () => this.#closers.delete(closer);
+  }
+
+  forget(connection: HttpConnection): void {
+    this.#connections.delete(connection);
+  }
+
+  async #accept(): Promise<void> {
+    let backoff = 5;
+    while (!this.#closing) {
+      let conn: Deno.Conn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (this.#closing || error instanceof Deno.errors.BadResource) break;
+        // Transient failures (too many open files, aborted handshakes) must
+        // not stop the server; wait a little so a storm cannot spin the CPU.
+        await new Promise((resolve) => setTimeout(resolve, backoff));
+        backoff = Math.min(backoff * 2, 1000);
+        continue;
+      }
+      backoff = 5;
+      if (this.#closing) {
+        closeQuietly(conn);
+        break;
+      }
+      const connection = new HttpConnection(this, conn);
+      this.#connections.add(connection);
+      connection.run();
+    }
+  }
+
+  shutdown(options: ShutdownOptions = {}): Promise<void> {
+    this.#shutdown ??= this.#stop(options);
+    return this.#shutdown;
+  }
+
+  async #stop(options: ShutdownOptions): Promise<void> {
+    const timeout = options.timeout ?? DEFAULT_SHUTDOWN_TIMEOUT;
+    this.#closing = true;
+    try {
+      this.#listener.close();
+    } catch {
+      // Already closed.
+    }
+    for (const connection of this.#connections) connection.closeIfIdle();
+    const waits: Promise<unknown>[] = [this.#accepting];
+    if (this.#connections.size > 0) {
+      waits.push(this.#drainConnections(timeout));
+    }
+    if (options.closeWebSockets) {
+      for (const closer of this.#closers) {
+        waits.push(Promise.resolve().then(() => closer(timeout)));
+      }
+      this.#closers.clear();
+    }
+    await Promise.allSettled(waits);
+    this.#finished.resolve();
+  }
+
+  async #drainConnections(timeout: number): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, timeout);
+    });
+    const ended = Promise.allSettled(
+      [...this.#connections].map((connection) => connection.done),
+    );
+    await Promise.race([ended, expired]);
+    clearTimeout(timer);
+    for (const connection of this.#connections) connection.close();
+    await ended;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.shutdown();
+  }
+}
+
+function defaultOnError(error: unknown): Response {
+  console.error("Request handler failed:", error);
+  return plainResponse(500);
+}
+
+function closeQuietly(conn: Deno.Conn): void {
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
+  }
+}
+
+/** How a request body is delimited (RFC 9112 section 6.3). */
+type Framing =
+  | { kind: "length"; remaining: number }
+  | {
+    kind: "chunked";
+    state: "size" | "data" | "crlf" | "done";
+    remaining: number;
+  };
+
+/** One client connection and its request loop. */
+class HttpConnection {
+  readonly #server: HttpServer;
+  readonly #conn: Deno.Conn;
+  readonly #done = Promise.withResolvers<void>();
+  /** Bytes read from the socket and not consumed yet. */
+  #buffered: Uint8Array = new Uint8Array(0);
+  #idle = true;
+  #closed = false;
+  #taken = false;
+
+  constructor(server: HttpServer, conn: Deno.Conn) {
+    this.#server = server;
+    this.#conn = conn;
+  }
+
+  /** Settles when the connection has ended or was taken over. */
+  get done(): Promise<void> {
+    return this.#done.promise;
+  }
+
+  close(): void {
+    if (this.#closed || this.#taken) return;
+    this.#closed = true;
+    closeQuietly(this.#conn);
+  }
+
+  /** Shutdown closes connections that are between requests. */
+  closeIfIdle(): void {
+    if (this.#idle) this.close();
+  }
+
+  async run(): Promise<void> {
+    try {
+      while (!this.#server.closing && await this.#serveOne());
+    } catch {
+      // The socket failed (reset, TLS error, closed by shutdown): nothing to
+      // answer, the connection is simply over.
+    } finally {
+      if (!this.#taken) {
+        this.close();
+        this.#server.forget(this);
+      }
+      this.#done.resolve();
+    }
+  }
+
+  /** Serves one request; resolves whether the connection may carry another. */
+  async #serveOne(): Promise<boolean> {
+    this.#idle = true;
+    const read = await this.#readHead();
+    if (read === null) return false;
+    this.#idle = false;
+    let head: RequestHead;
+    let framing: Framing;
+    let request: Request;
+    try {
+      head = parseRequestHead(read, this.#server.settings);
+      framing = bodyFraming(head);
+      this.#bodyState = {
+        expectContinue: false,
+        error: undefined,
+        pending: Promise.resolve(),
+        detached: false,
+      };
+      this.#responseStarted = false;
+      request = this.#buildRequest(head, framing);
+    } catch (error) {
+      if (!(error instanceof HttpError)) throw error;
+      await this.#refuse(error.status);
+      return false;
+    }
+    return await this.#respond(head, framing, request);
+  }
+
+  /**
+   * Reads the next request head. Waiting for its first byte is bounded by
+   * idleTimeout, the whole head by headTimeout from that byte on; a slow
+   * head is answered 408, an idle connection closed silently.
+   */
+  async #readHead(): Promise<Uint8Array | null> {
+    const { idleTimeout, headTimeout, maxHeadBytes } = this.#server.settings;
+    const controller = new AbortController();
+    let started = this.#buffered.length > 0;
+    let timer = setTimeout(
+      () => controller.abort(),
+      started ? headTimeout : idleTimeout,
+    );
+    const conn = this.#conn;
+    const reader = {
+      read: async (buffer: Uint8Array) => {
+        const n = await conn.read(buffer);
+        if (!started && n !== null && n > 0) {
+          started = true;
+          clearTimeout(timer);
+          timer = setTimeout(() => controller.abort(), headTimeout);
+        }
+        return n;
+      },
+    };
+    try {
+      const result = await readHead(reader, {
+        maxHeadBytes,
+        signal: controller.signal,
+        buffered: this.#buffered,
+      });
+      if (result === null) return null;
+      this.#buffered = result.rest;
+      return result.head;
+    } catch (error) {
+      if (controller.signal.aborted) {
+        if (started) await this.#refuse(408);
+        return null;
+      }
+      if (error instanceof HttpError) {
+        await this.#refuse(error.status);
+        return null;
+      }
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #buildRequest(head: RequestHead, framing: Framing): Request {
+    const url = requestUrl(head, this.#server.scheme, this.#conn.localAddr);
+    const method = head.method;
+    if (/^(?:CONNECT|TRACE|TRACK)$/i.test(method)) {
+      throw new HttpError(
+        501,
+        `Cannot serve the request: method ${method} is not supported`,
+      );
+    }
+    const hasBody = framing.kind === "chunked" || framing.remaining > 0;
+    const bodyAllowed = !/^(?:GET|HEAD)$/i.test(method);
+    return new Request(url, {
+      method,
+      headers: head.headers,
+      body: hasBody && bodyAllowed ? this.#bodyStream(head, framing) : null,
+    });
+  }
+
+  // The request body, pulled from the socket only when the handler reads it
+  // (highWaterMark 0), so an unread body is never read ahead.
+  #bodyState!: {
+    expectContinue: boolean;
+    error: HttpError | undefined;
+    pending: Promise<unknown>;
+    detached: boolean;
+  };
+  #responseStarted = false;
+
+  #bodyStream(head: RequestHead, framing: Framing): ReadableStream<Uint8Array> {
+    const state = this.#bodyState;
+    state.expectContinue = head.version === "HTTP/1.1" &&
+      head.headers.get("expect")?.toLowerCase() === "100-continue";
+    return new ReadableStream<Uint8Array>({
+      pull: async (controller) => {
+        if (state.detached) return controller.close();
+        const next = this.#readBody(framing);
+        state.pending = next.catch(() => {});
+        try {
+          const chunk = await next;
+          if (chunk === null) controller.close();
+          else controller.enqueue(chunk);
+        } catch (error) {
+          controller.error(error);
+        }
+      },
+    }, { highWaterMark: 0 });
+  }
+
+  /** Next piece of the request body, or null at its end. */
+  async #readBody(framing: Framing): Promise<Uint8Array | null> {
+    const state = this.#bodyState;
+    if (state.error) throw state.error;
+    try {
+      if (state.expectContinue && !this.#responseStarted) {
+        state.expectContinue = false;
+        await this.#write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
+      }
+      return await this.#nextBodyPiece(framing);
+    } catch (error) {
+      state.error = error instanceof HttpError ? error : new HttpError(
+        400,
+        "Cannot read the request body: the connection failed",
+        { cause: error },
+      );
+      throw state.error;
+    }
+  }
+
+  async #nextBodyPiece(framing: Framing): Promise<Uint8Array | null> {
+    if (framing.kind === "length") {
+      if (framing.remaining === 0) return null;
+      const piece = await this.#take(framing.remaining);
+      if (piece === null) throw truncatedBody();
+      framing.remaining -= piece.length;
+      return piece;
+    }
+    for (;;) {
+      switch (framing.state) {
+        case "done":
+          return null;
+        case "size": {
+          const line = await this.#readLine();
+          // chunk-size [ chunk-ext ] (RFC 9112 section 7.1); extensions are
+          // ignored but must not hold control characters.
+          const match =
+            /^([0-9A-Fa-f]{1,13})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?$/
+              .exec(line);
+          if (match === null) {
+            throw new HttpError(
+              400,
+              `Cannot read the request body: bad chunk size line ${
+                JSON.stringify(line.slice(0, 32))
+              }`,
+            );
+          }
+          framing.remaining = parseInt(match[1], 16);
+          if (framing.remaining === 0) {
+            await this.#skipTrailers();
+            framing.state = "done";
+            return null;
+          }
+          framing.state = "data";
+          break;
+        }
+        case "data": {
+          const piece = await this.#take(framing.remaining);
+          if (piece === null) throw truncatedBody();
+          framing.remaining -= piece.length;
+          if (framing.remaining === 0) framing.state = "crlf";
+          return piece;
+        }
+        case "crlf": {
+          const line = await this.#readLine();
+          if (line !== "") {
+            throw new HttpError(
+              400,
+              "Cannot read the request body: a chunk is longer than its size",
+            );
+          }
+          framing.state = "size";
+          break;
+        }
+      }
+    }
+  }
+
+  /** Trailer fields end a chunked body; they are read and ignored. */
+  async #skipTrailers(): Promise<void> {
+    let total = 0;
+    for (;;) {
+      const line = await this.#readLine();
+      if (line === "") return;
+      total += line.length + 2;
+      if (total > this.#server.settings.maxHeadBytes) {
+        throw new HttpError(
+          431,
+          "Cannot read the request body: its trailer fields are too large",
+        );
+      }
+    }
+  }
+
+  /** Up to `max` bytes: buffered ones first, else one socket read; null at EOF. */
+  async #take(max: number): Promise<Uint8Array | null> {
+    if (this.#buffered.length === 0) {
+      const buffer = new Uint8Array(Math.min(max, BODY_READ_SIZE));
+      const n = await this.#conn.read(buffer);
+      if (n === null) return null;
+      if (n <= max) return buffer.subarray(0, n);
+      this.#buffered = buffer.subarray(max, n);
+      return buffer.subarray(0, max);
+    }
+    const piece = this.#buffered.subarray(0, max);
+    this.#buffered = this.#buffered.subarray(piece.length);
+    return piece;
+  }
+
+  /** One CRLF-terminated line (without it), bounded by the request-line limit. */
+  async #readLine(): Promise<string> {
+    const limit = this.#server.settings.maxRequestLineBytes;
+    let from = 0;
+    for (;;) {
+      const lf = this.#buffered.indexOf(0x0a, from);
+      if (lf !== -1) {
+        if (lf === 0 || this.#buffered[lf - 1] !== 0x0d) {
+          throw new HttpError(
+            400,
+            "Cannot read the request body: a chunk line does not end with CRLF",
+          );
+        }
+        const line = String.fromCharCode(...this.#buffered.subarray(0, lf - 1));
+        this.#buffered = this.#buffered.subarray(lf + 1);
+        return line;
+      }
+      if (this.#buffered.length > limit) {
+        throw new HttpError(
+          400,
+          "Cannot read the request body: a chunk line is too long",
+        );
+      }
+      from = this.#buffered.length;
+      const buffer = new Uint8Array(4096);
+      const n = await this.#conn.read(buffer);
+      if (n === null) throw truncatedBody();
+      const joined = new Uint8Array(this.#buffered.length + n);
+      joined.set(this.#buffered);
+      joined.set(buffer.subarray(0, n), this.#buffered.length);
+      this.#buffered = joined;
+    }
+  }
+
+  /** Calls the handler and writes its response; resolves keep-alive. */
+  async #respond(
+    head: RequestHead,
+    framing: Framing,
+    request: Request,
+  ): Promise<boolean> {
+    const completed = Promise.withResolvers<void>();
+    const info: ServeHandlerInfo = {
+      remoteAddr: this.#conn.remoteAddr as Deno.NetAddr,
+      completed: completed.promise,
+    };
+    let handling = true;
+    registerConnection(request, () => {
+      if (!handling || this.#closed || this.#taken) return undefined;
+      return this.#handOver();
+    });
+    let response: Response | void;
+    try {
+      response = await this.#server.handler(request, info);
+    } catch (error) {
+      response = this.#taken ? undefined : await this.#failure(error);
+    } finally {
+      handling = false;
+    }
+    try {
+      if (this.#taken) {
+        response?.body?.cancel().catch(() => {});
+        return false;
+      }
+      if (!(response instanceof Response) || response.status < 200) {
+        response = await this.#failure(
+          new TypeError(
+            response instanceof Response
+              ? `Cannot send the response: status ${response.status} needs an upgrade the handler did not do`
+              : "Cannot send the response: the handler returned no Response and did not take the connection",
+          ),
+        );
+      }
+      if (response.type === "error") return false;
+      const state = this.#bodyState;
+      // A client that waits for 100 Continue may never send the body it
+      // announced: the connection cannot be reused (RFC 9110 section 10.1.1).
+      const bodyUnsent = state.expectContinue && !bodyFinished(framing);
+      let keepAlive = wantsKeepAlive(head) && !this.#server.closing &&
+        !bodyUnsent && state.error === undefined;
+      keepAlive = await this.#writeResponse(head, response, keepAlive);
+      if (!keepAlive) return false;
+      state.detached = true;
+      await state.pending;
+      return await this.#discardBody(framing);
+    } finally {
+      completed.resolve();
+    }
+  }
+
+  async #failure(error: unknown): Promise<Response> {
+    const bodyError = this.#bodyState.error;
+    if (bodyError !== undefined) return plainResponse(bodyError.status);
+    return await this.#server.errorResponse(error);
+  }
+
+  #handOver(): HijackedConnection {
+    this.#taken = true;
+    this.#server.forget(this);
+    const head = this.#buffered;
+    this.#buffered = new Uint8Array(0);
+    return {
+      conn: this.#conn,
+      head,
+      track: (closer) => this.#server.track(closer),
+    };
+  }
+
+  /** Reads and drops what is left of a request body, if that is cheap. */
+  async #discardBody(framing: Framing): Promise<boolean> {
+    let discarded = 0;
+    try {
+      while (!bodyFinished(framing)) {
+        const piece = await this.#readBody(framing);
+        if (piece === null) break;
+        discarded += piece.length;
+        if (discarded > MAX_DRAIN_BYTES) return false;
+      }
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Writes `response`; resolves whether the connection can stay open. The
+   * body is sent with Content-Length when it is complete before the event
+   * loop turns (strings, bytes, small blobs), chunked when it streams.
+   */
+  async #writeResponse(
+    head: RequestHead,
+    response: Response,
+    keepAlive: boolean,
+  ): Promise<boolean> {
+    this.#responseStarted = true;
+    const status = response.status;
+    const noBody = head.method.toUpperCase() === "HEAD" || status === 204 ||
+      status === 304;
+    const headers = response.headers;
+    if (headerHasToken(headers, "connection", "close")) keepAlive = false;
+    const declared = headers.get("content-length");
+    let length: number | undefined = declared !== null &&
+        /^\d{1,15}$/.test(declared)
+      ? Number(declared)
+      : undefined;
+
+    const reader = response.body?.getReader();
+    let collected: Uint8Array[] = [];
+    let ended = reader === undefined;
+    let next: Promise<ReadableStreamReadResult<Uint8Array>> | undefined;
+    try {
+      if (reader !== undefined && length === undefined) {
+        ({ collected, ended, next } = await collectReady(reader));
+        if (ended) length = collected.reduce((n, c) => n + c.length, 0);
+      }
+    } catch (error) {
+      // The body failed before anything was sent: answer as for a throw.
+      const fallback = await this.#failure(error);
+      return this.#writeResponse(head, fallback, false);
+    }
+    if (status === 204 || status === 304) length = undefined;
+    const chunked = !noBody && length === undefined &&
+      head.version === "HTTP/1.1";
+    if (!noBody && length === undefined && !chunked) keepAlive = false;
+
+    let text = `HTTP/1.1 ${status} ${
+      response.statusText || STATUS_TEXT[status] || ""
+    }\r\n`;
+    for (const [name, value] of headers) {
+      if (
+        name === "connection" || name === "transfer-encoding" ||
+        name === "content-length" || name === "keep-alive"
+      ) continue;
+      text += `${name}: ${value}\r\n`;
+    }
+    if (!headers.has("date")) text += `date: ${httpDate()}\r\n`;
+    if (length !== undefined && (status !== 204 && status !== 304)) {
+      text += `content-length: ${length}\r\n`;
+    }
+    if (chunked) text += "transfer-encoding: chunked\r\n";
+    if (!keepAlive) text += "connection: close\r\n";
+    else if (head.version === "HTTP/1.0") text += "connection: keep-alive\r\n";
+    text += "\r\n";
+
+    const headBytes = encoder.encode(text);
+    if (noBody || reader === undefined) {
+      if (reader !== undefined) reader.cancel().catch(() => {});
+      await this.#write(headBytes);
+      return keepAlive;
+    }
+    try {
+      let sent = 0;
+      // Frames body pieces (cut to a declared length, chunked when needed)
+      // behind `out` and writes them all at once.
+      const send = async (out: Uint8Array[], pieces: Uint8Array[]) => {
+        for (let piece of pieces) {
+          if (length !== undefined) {
+            piece = piece.subarray(0, length - sent);
+            sent += piece.length;
+          }
+          if (piece.length === 0) continue;
+          if (chunked) {
+            out.push(
+              encoder.encode(`${piece.length.toString(16)}\r\n`),
+              piece,
+              CRLF,
+            );
+          } else out.push(piece);
+        }
+        await this.#writeAll(out);
+      };
+      await send([headBytes], collected);
+      while (!ended) {
+        const result = await (next ?? reader.read());
+        next = undefined;
+        if (result.done) break;
+        await send([], [result.value]);
+      }
+      if (chunked) await this.#write(LAST_CHUNK);
+      // A declared Content-Length the body did not fill leaves the client
+      // waiting for bytes that never come: end the connection instead.
+      if (length !== undefined && sent !== length) return false;
+      return keepAlive;
+    } catch (error) {
+      reader.cancel(error).catch(() => {});
+      return false;
+    }
+  }
+
+  /** Writes several pieces, coalescing small ones into one syscall. */
+  async #writeAll(pieces: Uint8Array[]): Promise<void> {
+    let total = 0;
+    for (const piece of pieces) total += piece.length;
+    if (pieces.length === 1 || total <= COALESCE_BYTES) {
+      const joined = pieces.length === 1 ? pieces[0] : concat(pieces, total);
+      if (joined.length > 0) await this.#write(joined);
+      return;
+    }
+    for (const piece of pieces) await this.#write(piece);
+  }
+
+  async #write(data: Uint8Array): Promise<void> {
+    let written = 0;
+    while (written < data.length) {
+      written += await this.#conn.write(data.subarray(written));
+    }
+  }
+
+  /**
+   * Answers a request that cannot be served with a bare status and closes
+   * the connection. The close lingers: reading what the client still sends
+   * for a moment keeps the kernel from resetting the connection, which would
+   * destroy the answer before the client reads it.
+   */
+  async #refuse(status: number): Promise<void> {
+    this.#idle = false;
+    try {
+      const body = `${status} ${STATUS_TEXT[status] ?? "Error"}`;
+      await this.#write(encoder.encode(
+        `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Error"}\r\n` +
+          `date: ${httpDate()}\r\ncontent-type: text/plain;charset=UTF-8\r\n` +
+          `content-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
+      ));
+      await this.#conn.closeWrite();
+      const timer = setTimeout(() => this.close(), LINGER_MS);
+      try {
+        const sink = new Uint8Array(16 * 1024);
+        let drained = 0;
+        while (drained < MAX_DRAIN_BYTES) {
+          const n = await this.#conn.read(sink);
+          if (n === null) break;
+          drained += n;
+        }
+      } finally {
+        clearTimeout(timer);
+      }
+    } catch {
+      // The client is gone or was cut off: nothing more to do.
+    }
+  }
+}
+
+/**
+ * How the request body is delimited (RFC 9112 section 6.3). Anything a
+ * front end and a back end could read differently is refused, because that
+ * disagreement is what request smuggling exploits.
+ */
+function bodyFraming(head: RequestHead): Framing {
+  const transferEncoding = head.headers.get("transfer-encoding");
+  const contentLength = head.headers.get("content-length");
+  if (transferEncoding !== null) {
+    if (contentLength !== null) {
+      throw new HttpError(
+        400,
+        "Cannot read the request: it has both Content-Length and Transfer-Encoding",
+      );
+    }
+    if (head.version === "HTTP/1.0") {
+      throw new HttpError(
+        400,
+        "Cannot read the request: Transfer-Encoding is not allowed in HTTP/1.0",
+      );
+    }
+    const codings = transferEncoding.split(",").map((c) =>
+      c.trim().toLowerCase()
+    );
+    const chunkedAt = codings.indexOf("chunked");
+    if (chunkedAt !== codings.length - 1 || codings.length === 0) {
+      throw new HttpError(
+        400,
+        `Cannot read the request: Transfer-Encoding ${
+          JSON.stringify(transferEncoding.slice(0, 64))
+        } does not end with a single chunked`,
+      );
+    }
+    if (codings.length > 1) {
+      throw new HttpError(
+        501,
+        `Cannot read the request: Transfer-Encoding ${
+          JSON.stringify(transferEncoding.slice(0, 64))
+        } is not supported`,
+      );
+    }
+    return { kind: "chunked", state: "size", remaining: 0 };
+  }
+  if (contentLength === null) return { kind: "length", remaining: 0 };
+  // Repeated fields arrive joined with ", "; equal copies are tolerated.
+  const values = new Set(contentLength.split(",").map((v) => v.trim()));
+  const [value] = values;
+  if (values.size !== 1 || !/^\d{1,15}$/.test(value)) {
+    throw new HttpError(
+      400,
+      `Cannot read the request: Content-Length ${
+        JSON.stringify(contentLength.slice(0, 64))
+      } is not a single decimal length`,
+    );
+  }
+  return { kind: "length", remaining: Number(value) };
+}
+
+function bodyFinished(framing: Framing): boolean {
+  return framing.kind === "length"
+    ? framing.remaining === 0
+    : framing.state === "done";
+}
+
+function truncatedBody(): HttpError {
+  return new HttpError(
+    400,
+    "Cannot read the request body: the connection closed before its end",
+  );
+}
+
+/** Keep-alive by default in HTTP/1.1, on request in HTTP/1.0 (RFC 9112 9.3). */
+function wantsKeepAlive(head: RequestHead): boolean {
+  if (headerHasToken(head.headers, "connection", "close")) return false;
+  return head.version === "HTTP/1.1" ||
+    headerHasToken(head.headers, "connection", "keep-alive");
+}
+
+// A Host is a reg-name, IPv4 or bracketed IPv6 literal with an optional port
+// (RFC 3986 section 3.2.2); nothing that could move the path or userinfo.
+const HOST =
+  /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?::\d{0,5})?$/;
+
+/** The absolute URL of a request (RFC 9112 section 3.3). */
+function requestUrl(
+  head: RequestHead,
+  scheme: "http" | "https",
+  local: Deno.Addr,
+): string {
+  const target = head.target;
+  if (/^https?:\/\//i.test(target)) {
+    try {
+      return new URL(target).href;
+    } catch (error) {
+      throw new HttpError(
+        400,
+        "Cannot read the request: its absolute target is not a valid URL",
+        { cause: error },
+      );
+    }
+  }
+  let path = target;
+  if (target === "*" && head.method === "OPTIONS") path = "/*";
+  else if (target[0] !== "/") {
+    throw new HttpError(
+      400,
+      `Cannot read the request: target ${
+        JSON.stringify(target.slice(0, 64))
+      } is neither a path nor an absolute URL`,
+    );
+  }
+  let host = head.headers.get("host") ?? "";
+  if (host === "") {
+    const addr = local as Deno.NetAddr;
+    host = addr.hostname.includes(":")
+      ? `[${addr.hostname}]:${addr.port}`
+      : `${addr.hostname}:${addr.port}`;
+  } else if (!HOST.test(host)) {
+    throw new HttpError(
+      400,
+      `Cannot read the request: Host ${
+        JSON.stringify(host.slice(0, 64))
+      } is not a valid host`,
+    );
+  }
+  try {
+    return new URL(`${scheme}://${host}${path}`).href;
+  } catch (error) {
+    throw new HttpError(
+      400,
+      "Cannot read the request: its Host and target do not form a valid URL",
+      { cause: error },
+    );
+  }
+}
+
+/**
+ * Reads the chunks a body stream already holds, stopping at its end or when
+ * the next chunk is not ready before a macrotask (the body streams), or past
+ * COALESCE_BYTES. `next` is the read still in flight, to be awaited later.
+ */
+async function collectReady(
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+): Promise<{
+  collected: Uint8Array[];
+  ended: boolean;
+  next?: Promise<ReadableStreamReadResult<Uint8Array>>;
+}> {
+  const collected: Uint8Array[] = [];
+  let total = 0;
+  // The first chunk is always awaited: the head needs to know whether the
+  // body is empty, and a stream's first chunk is what a client waits for.
+  const first = await reader.read();
+  if (first.done) return { collected, ended: true };
+  collected.push(first.value);
+  total += first.value.length;
+  while (total <= COALESCE_BYTES) {
+    const next = reader.read();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const tick = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), 0);
+    });
+    const result = await Promise.race([next, tick]);
+    clearTimeout(timer);
+    if (result === undefined) return { collected, ended: false, next };
+    if (result.done) return { collected, ended: true };
+    collected.push(result.value);
+    total += result.value.length;
+  }
+  return { collected, ended: false };
+}
+
+function concat(pieces: Uint8Array[], total: number): Uint8Array {
+  const joined = new Uint8Array(total);
+  let offset = 0;
+  for (const piece of pieces) {
+    joined.set(piece, offset);
+    offset += piece.length;
+  }
+  return joined;
+}
+
+const CRLF = new Uint8Array([0x0d, 0x0a]);
+const LAST_CHUNK = encoder.encode("0\r\n\r\n");
+
+/** Reason phrases for the statuses this server and most handlers send. */
+const STATUS_TEXT: Record<number, string> = {
+  100: "Continue",
+  200: "OK",
+  201: "Created",
+  202: "Accepted",
+  204: "No Content",
+  206: "Partial Content",
+  301: "Moved Permanently",
+  302: "Found",
+  303: "See Other",
+  304: "Not Modified",
+  307: "Temporary Redirect",
+  308: "Permanent Redirect",
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  408: "Request Timeout",
+  409: "Conflict",
+  410: "Gone",
+  411: "Length Required",
+  413: "Content Too Large",
+  414: "URI Too Long",
+  415: "Unsupported Media Type",
+  426: "Upgrade Required",
+  429: "Too Many Requests",
+  431: "Request Header Fields Too Large",
+  500: "Internal Server Error",
+  501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+  505: "HTTP Version Not Supported",
+};
+
+function plainResponse(status: number): Response {
+  return new Response(`${status} ${STATUS_TEXT[status] ?? "Error"}`, {
+    status,
+  });
+}
+
+// The Date header (RFC 9110 section 6.6.1) changes once a second; format it
+// once a second rather than per response.
+let dateSecond = -1;
+let dateText = "";
+function httpDate(): string {
+  const now = Date.now();
+  const second = Math.floor(now / 1000);
+  if (second !== dateSecond) {
+    dateSecond = second;
+    dateText = new Date(now).toUTCString();
+  }
+  return dateText;
+}
