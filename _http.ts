@@ -258,7 +258,7 @@ export function parseRequestHead(
  */
 export function parseResponseHead(head: Uint8Array): ResponseHead {
   const lines = splitLines(head);
-  const match = /^(HTTP\/\d\.\d) (\d{3}) ?([\t\x20-\x7e\x80-\xff]*)$/.exec(
+  const match = /^(HTTP\/\d\.\d) (\d{3})(?: ([\t\x20-\x7e\x80-\xff]*))?$/.exec(
     lines[0],
   );
   if (match === null) {
@@ -271,7 +271,12 @@ export function parseResponseHead(head: Uint8Array): ResponseHead {
   }
   const version = checkVersion(match[1]);
   const { headers } = parseFields(lines, Infinity);
-  return { status: Number(match[2]), statusText: match[3], version, headers };
+  return {
+    status: Number(match[2]),
+    statusText: match[3] ?? "",
+    version,
+    headers,
+  };
 }
 
 function checkVersion(version: string): "HTTP/1.0" | "HTTP/1.1" {
