@@ -269,7 +269,12 @@ class HttpServer implements Server {
         : addr.hostname;
       console.log(`Listening on ${this.#scheme}://${host}:${addr.port}/`);
     });
-    onListen(this.addr);
+    try {
+      onListen(this.addr);
+    } catch (error) {
+      this.#listener.close();
+      throw error;
+    }
     options.signal?.addEventListener("abort", () => this.shutdown(), {
       once: true,
     });
@@ -387,8 +392,9 @@ class HttpServer implements Server {
     );
     await Promise.race([ended, expired]);
     clearTimeout(timer);
+    // Past the timeout, sockets are closed without waiting for handlers that
+    // may never return; their writes then fail and their loops end.
     for (const connection of this.#connections) connection.close();
-    await ended;
   }
 
   [Symbol.asyncDispose](): Promise<void> {
@@ -844,11 +850,13 @@ class HttpConnection {
       ? Number(declared)
       : undefined;
 
-    const reader = response.body?.getReader();
+    let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
     let collected: Uint8Array[] = [];
-    let ended = reader === undefined;
+    let ended = response.body === null;
     let next: Promise<ReadableStreamReadResult<Uint8Array>> | undefined;
     try {
+      // getReader() throws for a body that is locked or already read.
+      reader = response.body?.getReader();
       if (reader !== undefined && length === undefined) {
         ({ collected, ended, next } = await collectReady(reader));
         if (ended) length = collected.reduce((n, c) => n + c.length, 0);
@@ -1117,9 +1125,10 @@ function requestUrl(
 }
 
 /**
- * Reads the chunks a body stream already holds, stopping at its end or when
- * the next chunk is not ready before a macrotask (the body streams), or past
- * COALESCE_BYTES. `next` is the read still in flight, to be awaited later.
+ * Reads the chunks a body stream already holds, stopping at its end, when
+ * the next chunk is not ready before a macrotask (the body streams), or when
+ * more than COALESCE_BYTES have come (a large body is sent as it comes).
+ * `next` is the read still in flight, to be awaited later.
  */
 async function collectReady(
   reader: ReadableStreamDefaultReader<Uint8Array>,
@@ -1136,7 +1145,7 @@ async function collectReady(
   if (first.done) return { collected, ended: true };
   collected.push(first.value);
   total += first.value.length;
-  while (total <= COALESCE_BYTES) {
+  for (;;) {
     const next = reader.read();
     let timer: ReturnType<typeof setTimeout> | undefined;
     const tick = new Promise<undefined>((resolve) => {
@@ -1148,8 +1157,8 @@ async function collectReady(
     if (result.done) return { collected, ended: true };
     collected.push(result.value);
     total += result.value.length;
+    if (total > COALESCE_BYTES) return { collected, ended: false };
   }
-  return { collected, ended: false };
 }
 
 function concat(pieces: Uint8Array[], total: number): Uint8Array {
