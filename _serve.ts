@@ -20,7 +20,33 @@ import {
   type RequestHead,
 } from "./_http.ts";
 
-/** Options for {@linkcode serve}. */
+/**
+ * Options for {@linkcode serve}: where to listen, TLS, callbacks, and the
+ * limits and timeouts that protect the server from hostile clients.
+ *
+ * @example Serve HTTPS with a certificate and key
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve, type ServeOptions } from "./upgrader.ts";
+ *
+ * const read = (name: string) =>
+ *   Deno.readTextFile(new URL(`./tests/fixtures/${name}`, import.meta.url));
+ * const options: ServeOptions = {
+ *   hostname: "127.0.0.1",
+ *   port: 0,
+ *   cert: await read("cert.pem"),
+ *   key: await read("key.pem"),
+ *   headTimeout: 5000,
+ *   onListen() {},
+ * };
+ * await using server = serve(options, () => new Response("secure"));
+ * using client = Deno.createHttpClient({ caCerts: [await read("ca.pem")] });
+ * const response = await fetch(`https://localhost:${server.addr.port}/`, {
+ *   client,
+ * });
+ * assert.equal(await response.text(), "secure");
+ * ```
+ */
 export interface ServeOptions {
   /** Port to listen on; `0` picks a free one (see `onListen` / `addr`). Default `8000`. */
   port?: number;
@@ -64,7 +90,23 @@ export interface ServeOptions {
   idleTimeout?: number;
 }
 
-/** What {@linkcode serve} passes to the handler beside the request. */
+/**
+ * What {@linkcode serve} passes to the handler beside the request.
+ *
+ * @example Answer with the client's address
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve, type ServeHandlerInfo } from "./upgrader.ts";
+ *
+ * await using server = serve(
+ *   { hostname: "127.0.0.1", port: 0, onListen() {} },
+ *   (_request: Request, info: ServeHandlerInfo) =>
+ *     new Response(info.remoteAddr.hostname),
+ * );
+ * const response = await fetch(`http://127.0.0.1:${server.addr.port}/`);
+ * assert.equal(await response.text(), "127.0.0.1");
+ * ```
+ */
 export interface ServeHandlerInfo {
   /** The client's address. */
   remoteAddr: Deno.NetAddr;
@@ -76,15 +118,58 @@ export interface ServeHandlerInfo {
 }
 
 /**
- * Answers a request, like a `Deno.serve` handler. It returns nothing only
- * for a request whose connection it took over (`upgrader.upgrade(request)`).
+ * Answers a request, like a `Deno.serve` handler, so fetch-style handlers
+ * and routers plug in as they are. It returns nothing only for a request
+ * whose connection it took over (`upgrader.upgrade(request)`).
+ *
+ * @example A small router
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve, type ServeHandler } from "./upgrader.ts";
+ *
+ * const router: ServeHandler = async (request) => {
+ *   const { pathname } = new URL(request.url);
+ *   if (request.method === "POST" && pathname === "/echo") {
+ *     return new Response(await request.text());
+ *   }
+ *   return new Response("not found", { status: 404 });
+ * };
+ * await using server = serve(
+ *   { hostname: "127.0.0.1", port: 0, onListen() {} },
+ *   router,
+ * );
+ * const base = `http://127.0.0.1:${server.addr.port}`;
+ * const echoed = await fetch(`${base}/echo`, { method: "POST", body: "hi" });
+ * assert.equal(await echoed.text(), "hi");
+ * const missing = await fetch(`${base}/other`);
+ * assert.equal(missing.status, 404);
+ * await missing.body?.cancel();
+ * ```
  */
 export type ServeHandler = (
   request: Request,
   info: ServeHandlerInfo,
 ) => Response | void | Promise<Response | void>;
 
-/** Options for {@linkcode Server.shutdown}. */
+/**
+ * Options for {@linkcode Server.shutdown}.
+ *
+ * @example Give in-flight requests one second
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve, type ShutdownOptions } from "./upgrader.ts";
+ *
+ * const server = serve(
+ *   { hostname: "127.0.0.1", port: 0, onListen() {} },
+ *   () => new Response("ok"),
+ * );
+ * const options: ShutdownOptions = { timeout: 1000, closeWebSockets: true };
+ * await server.shutdown(options);
+ * await assert.rejects(
+ *   Deno.connect({ hostname: "127.0.0.1", port: server.addr.port }),
+ * );
+ * ```
+ */
 export interface ShutdownOptions {
   /**
    * Also close the WebSocket connections upgraded from this server, each
@@ -99,7 +184,26 @@ export interface ShutdownOptions {
   timeout?: number;
 }
 
-/** A running server, returned by {@linkcode serve}. */
+/**
+ * A running server, returned by {@linkcode serve}. Disposing of it
+ * (`await using`) shuts it down.
+ *
+ * @example Wait for the server to finish after a shutdown
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { serve, type Server } from "./upgrader.ts";
+ *
+ * const controller = new AbortController();
+ * const server: Server = serve(
+ *   { hostname: "127.0.0.1", port: 0, signal: controller.signal, onListen() {} },
+ *   () => new Response("bye"),
+ * );
+ * const response = await fetch(`http://127.0.0.1:${server.addr.port}/`);
+ * assert.equal(await response.text(), "bye");
+ * controller.abort();
+ * await server.finished;
+ * ```
+ */
 export interface Server extends AsyncDisposable {
   /** The address the server listens on (with the real port when `port` was 0). */
   readonly addr: Deno.NetAddr;
