@@ -315,6 +315,8 @@ class HttpServer implements Server {
   readonly #finished = Promise.withResolvers<void>();
   readonly #accepting: Promise<void>;
   #shutdown: Promise<void> | undefined;
+  /** Set while shutdown closes WebSockets: the timeout their closers get. */
+  #closingWebSockets: number | undefined;
   #closing = false;
 
   constructor(options: ServeOptions, handler: ServeHandler) {
@@ -425,6 +427,14 @@ class HttpServer implements Server {
 
   /** Registers a WebSocket closer for shutdown; returns its unregister. */
   track(closer: (timeoutMs: number) => Promise<void>): () => void {
+    if (this.#closingWebSockets !== undefined) {
+      // Upgraded while shutdown is closing WebSockets: close it right away.
+      const closing = Promise.resolve().then(() =>
+        closer(this.#closingWebSockets!)
+      );
+      closing.catch(() => {});
+      return () => {};
+    }
     this.#closers.add(closer);
     return () => this.#closers.delete(closer);
   }
@@ -477,6 +487,7 @@ class HttpServer implements Server {
       waits.push(this.#drainConnections(timeout));
     }
     if (options.closeWebSockets) {
+      this.#closingWebSockets = timeout;
       for (const closer of this.#closers) {
         waits.push(Promise.resolve().then(() => closer(timeout)));
       }
@@ -994,7 +1005,7 @@ class HttpConnection {
     else if (head.version === "HTTP/1.0") text += "connection: keep-alive\r\n";
     text += "\r\n";
 
-    const headBytes = encoder.encode(text);
+    const headBytes = encodeLatin1(text);
     if (noBody || reader === undefined) {
       if (reader !== undefined) reader.cancel().catch(() => {});
       await this.#write(headBytes);
@@ -1263,6 +1274,18 @@ async function collectReady(
     total += result.value.length;
     if (total > COALESCE_BYTES) return { collected, ended: false };
   }
+}
+
+/**
+ * Encodes a response head byte for byte: header values are ByteStrings
+ * (characters up to U+00FF) that UTF-8 would turn into two bytes each.
+ */
+function encodeLatin1(text: string): Uint8Array {
+  // deno-lint-ignore no-control-regex
+  if (/^[\x00-\x7f]*$/.test(text)) return encoder.encode(text);
+  const bytes = new Uint8Array(text.length);
+  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+  return bytes;
 }
 
 function concat(pieces: Uint8Array[], total: number): Uint8Array {

@@ -383,11 +383,65 @@ Deno.test("serve() discards an unread body and serves the next request on the co
   await client.send(
     "POST /ignored HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n0123456789" +
       "POST /chunked HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n" +
+      "GET /get-with-body HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nabc" +
       GET("/next"),
   );
   assert.equal((await client.response()).body, "/ignored");
   assert.equal((await client.response()).body, "/chunked");
+  assert.equal((await client.response()).body, "/get-with-body");
   assert.equal((await client.response()).body, "/next");
+  client.close();
+});
+
+Deno.test("serve() keeps header bytes above 0x7f as they are, both ways", async () => {
+  await using server = start((request) =>
+    new Response(null, {
+      status: 204,
+      headers: { "x-echo": request.headers.get("x-name")! },
+    })
+  );
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(
+    new Uint8Array([
+      ...encoder.encode("GET / HTTP/1.1\r\nHost: test\r\nX-Name: caf"),
+      0xe9,
+      ...encoder.encode("\r\nConnection: close\r\n\r\n"),
+    ]),
+  );
+  const received: number[] = [];
+  const buffer = new Uint8Array(1024);
+  for (let n; (n = await client.conn.read(buffer)) !== null;) {
+    received.push(...buffer.subarray(0, n));
+  }
+  client.close();
+  const line = encoder.encode("x-echo: caf");
+  const at = received.findIndex((_, i) =>
+    line.every((byte, j) => received[i + j] === byte)
+  );
+  assert.notEqual(at, -1);
+  assert.deepEqual(received.slice(at + line.length, at + line.length + 3), [
+    0xe9,
+    13,
+    10,
+  ]);
+});
+
+Deno.test("serve() builds the URL from an absolute-form target or the Host", async () => {
+  await using server = start((request) => new Response(request.url));
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(
+    "GET http://other.example:81/a?b HTTP/1.1\r\nHost: ignored\r\n\r\n" +
+      "GET /p HTTP/1.1\r\nHost: [::1]:9\r\n\r\n" +
+      "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n" +
+      "GET /q HTTP/1.0\r\n\r\n",
+  );
+  assert.equal((await client.response()).body, "http://other.example:81/a?b");
+  assert.equal((await client.response()).body, "http://[::1]:9/p");
+  assert.equal((await client.response()).body, "http://h/*");
+  assert.equal(
+    (await client.response()).body,
+    `http://127.0.0.1:${server.addr.port}/q`,
+  );
   client.close();
 });
 
@@ -854,6 +908,31 @@ Deno.test("shutdown({ closeWebSockets }) calls tracked closers with the timeout,
     assert.ok(await client.closedByServer());
     client.close();
   }
+});
+
+Deno.test("shutdown({ closeWebSockets }) also closes a connection upgraded while it runs", async () => {
+  const release = Promise.withResolvers<void>();
+  const entered = Promise.withResolvers<void>();
+  const closed: number[] = [];
+  const server = start(async (request) => {
+    entered.resolve();
+    await release.promise;
+    const connection = takeConnection(request)!;
+    connection.track((timeoutMs) => {
+      closed.push(timeoutMs);
+      connection.conn.close();
+      return Promise.resolve();
+    });
+  });
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(GET("/"));
+  await entered.promise;
+  const stopping = server.shutdown({ closeWebSockets: true, timeout: 777 });
+  release.resolve();
+  await stopping;
+  assert.deepEqual(closed, [777]);
+  assert.ok(await client.closedByServer());
+  client.close();
 });
 
 Deno.test("shutdown() leaves taken connections open unless asked", async () => {
