@@ -1,0 +1,2256 @@
+/**
+ * {@linkcode Conn}: a WebSocket connection (RFC 6455) over any byte
+ * {@linkcode Transport} such as `Deno.Conn` or `Deno.TlsConn`, with
+ * gorilla/websocket's read and write API made idiomatic TypeScript.
+ *
+ * The Upgrader and the Dialer build a `Conn` after the opening handshake;
+ * tests and custom transports can build one directly.
+ *
+ * @example Echo one message over loopback TCP
+ * ```ts title="Two Conns over a loopback socket"
+ * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [serverSocket, clientSocket] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const server = new Conn(serverSocket, { role: "server" });
+ * const client = new Conn(clientSocket, { role: "client" });
+ *
+ * await client.writeMessage(MESSAGE_TYPE.Text, "hello");
+ * const { type, data } = await server.readMessage();
+ * await server.writeMessage(type, data);
+ * const echoed = await client.readMessage();
+ * assert.equal(new TextDecoder().decode(echoed.data), "hello");
+ *
+ * await Promise.all([client.closeGracefully(), server.closeGracefully()]);
+ * ```
+ *
+ * @module
+ */
+
+import {
+  CLOSE_CODE,
+  type DataMessageType,
+  formatCloseMessage,
+  type FrameHeader,
+  headerLength,
+  MAX_CONTROL_PAYLOAD,
+  MAX_HEADER_LENGTH,
+  MESSAGE_TYPE,
+  type MessageType,
+  OPCODE,
+  parseClosePayload,
+  parseHeader,
+  ProtocolError,
+  writeHeader,
+} from "./frame.ts";
+import { maskInPlace } from "./_mask.ts";
+import { Utf8Validator } from "./_utf8.ts";
+
+export {
+  CLOSE_CODE,
+  type CloseCode,
+  type DataMessageType,
+  formatCloseMessage,
+  MESSAGE_TYPE,
+  type MessageType,
+  ProtocolError,
+} from "./frame.ts";
+
+/**
+ * The byte stream a {@linkcode Conn} runs over. `Deno.Conn` and
+ * `Deno.TlsConn` satisfy it as they are.
+ */
+export interface Transport {
+  /** Reads into `buffer`; resolves the count, or `null` at EOF. */
+  read(buffer: Uint8Array): Promise<number | null>;
+  /** Writes from `data`; may write fewer bytes than given. */
+  write(data: Uint8Array): Promise<number>;
+  /** Closes the stream; pending reads and writes reject. */
+  close(): void;
+  /** The local address, when the transport has one. */
+  readonly localAddr?: Deno.Addr;
+  /** The remote address, when the transport has one. */
+  readonly remoteAddr?: Deno.Addr;
+}
+
+/**
+ * A pool of write buffers shared by many connections, so that idle
+ * connections hold none (gorilla's `WriteBufferPool`).
+ */
+export interface BufferPool {
+  /** Returns a buffer, or `undefined` when the pool is empty. */
+  get(): Uint8Array | undefined;
+  /** Gives a buffer back once the connection no longer uses it. */
+  put(buffer: Uint8Array): void;
+}
+
+/** Options of the {@linkcode Conn} constructor. */
+export interface ConnOptions {
+  /**
+   * `"server"` requires masked frames from the peer and sends unmasked
+   * ones; `"client"` masks every frame with a crypto-random key and rejects
+   * masked frames (RFC 6455 section 5.1).
+   */
+  role: "server" | "client";
+  /** The subprotocol negotiated in the handshake (default `""`). */
+  subprotocol?: string;
+  /** Bytes already read past the handshake; they are parsed first. */
+  head?: Uint8Array;
+  /** Size of the read buffer while messages flow (default 4096). */
+  readBufferSize?: number;
+  /** Size of the write buffer frames are coalesced into (default 4096). */
+  writeBufferSize?: number;
+  /** Where write buffers come from and go back to (default: own buffer). */
+  writeBufferPool?: BufferPool;
+}
+
+/** A data message read from a {@linkcode Conn}. */
+export interface Message {
+  /** {@linkcode MESSAGE_TYPE.Text} or {@linkcode MESSAGE_TYPE.Binary}. */
+  type: DataMessageType;
+  /** The payload; for text, valid UTF-8. */
+  data: Uint8Array;
+}
+
+/** Options of the read methods of {@linkcode Conn}. */
+export interface ReadOptions {
+  /**
+   * Aborts the wait. As with a read deadline, an aborted read leaves the
+   * read side failed: every later read rejects with the same reason.
+   */
+  signal?: AbortSignal;
+}
+
+/** Streams the payload of one message, as {@linkcode Conn.nextReader} gives it. */
+export interface MessageReader {
+  /**
+   * Reads the next bytes of the message into `buffer`.
+   *
+   * @returns The number of bytes read, or `null` when the message is done.
+   */
+  read(buffer: Uint8Array): Promise<number | null>;
+}
+
+/** A message being read as a stream: its type and its reader. */
+export interface NextReaderResult {
+  /** The message type. */
+  type: DataMessageType;
+  /** The reader of its payload. */
+  reader: MessageReader;
+}
+
+/** Streams one message out as fragments, as {@linkcode Conn.nextWriter} gives it. */
+export interface MessageWriter extends AsyncDisposable {
+  /** Appends bytes (or the UTF-8 of a string) to the message. */
+  write(data: Uint8Array | string): Promise<void>;
+  /** Sends the final fragment; the message is complete. */
+  close(): Promise<void>;
+}
+
+/** Options of {@linkcode Conn.writeControl}. */
+export interface WriteControlOptions {
+  /** Gives up (and fails the write side) when the frame is not sent by then. */
+  deadline?: Date;
+}
+
+/** Options of {@linkcode Conn.closeGracefully}. */
+export interface CloseGracefullyOptions {
+  /** Milliseconds to wait for the peer's close frame (default 5000). */
+  timeout?: number;
+}
+
+/** Called with the code and reason of a received close frame. */
+export type CloseHandler = (
+  code: number,
+  text: string,
+) => void | Promise<void>;
+
+/** Called with the payload of a received ping or pong frame. */
+export type ControlHandler = (data: Uint8Array) => void | Promise<void>;
+
+/**
+ * The peer sent a close frame (or the connection died: code 1006,
+ * abnormal closure, which never appears on the wire).
+ *
+ * @example Recognise a close
+ * ```ts title="A CloseError carries the code and reason"
+ * import { CloseError, isCloseError } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const error = new CloseError(1001, "going away");
+ * assert.equal(error.code, 1001);
+ * assert.equal(error.text, "going away");
+ * assert.equal(isCloseError(error, 1000, 1001), true);
+ * ```
+ */
+export class CloseError extends Error {
+  /** The close code. */
+  readonly code: number;
+  /** The close reason. */
+  readonly text: string;
+
+  /**
+   * Creates a close error.
+   *
+   * @param code The close code.
+   * @param text The close reason.
+   * @param options The error's `cause`.
+   */
+  constructor(code: number, text = "", options?: ErrorOptions) {
+    super(`Connection closed: ${code}${text ? ` ${text}` : ""}`, options);
+    this.name = "CloseError";
+    this.code = code;
+    this.text = text;
+  }
+}
+
+/**
+ * A data or close frame was written after a close frame was already sent
+ * (gorilla's `ErrCloseSent`).
+ *
+ * @example Writing after closing
+ * ```ts title="Writes after a close frame reject"
+ * import { CloseSentError, Conn, MESSAGE_TYPE } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const conn = new Conn(socket, { role: "server" });
+ * await conn.writeControl(MESSAGE_TYPE.Close, new Uint8Array([3, 232]));
+ * await assert.rejects(conn.writeMessage(MESSAGE_TYPE.Text, "late"), CloseSentError);
+ * conn.close();
+ * peer.close();
+ * ```
+ */
+export class CloseSentError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What was attempted.
+   */
+  constructor(message = "Cannot write: a close frame was already sent") {
+    super(message);
+    this.name = "CloseSentError";
+  }
+}
+
+/**
+ * A message exceeded the read limit; the connection was failed with close
+ * code 1009 (gorilla's `ErrReadLimit`).
+ *
+ * @example The error carries code 1009
+ * ```ts title="A read limit error"
+ * import { ReadLimitError } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const error = new ReadLimitError(10);
+ * assert.equal(error.code, 1009);
+ * assert.equal(error.limit, 10);
+ * ```
+ */
+export class ReadLimitError extends ProtocolError {
+  /** The limit that was exceeded, in bytes. */
+  readonly limit: number;
+
+  /**
+   * Creates the error.
+   *
+   * @param limit The read limit in bytes.
+   */
+  constructor(limit: number) {
+    super(
+      `Cannot read message: it exceeds the read limit of ${limit} bytes`,
+      CLOSE_CODE.MessageTooBig,
+    );
+    this.name = "ReadLimitError";
+    this.limit = limit;
+  }
+}
+
+/**
+ * The connection was closed locally with {@linkcode Conn.close} while a read
+ * or write was pending, or used after it.
+ *
+ * @example Reading after close()
+ * ```ts title="Reads after close() reject"
+ * import { Conn, ConnectionClosedError } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const conn = new Conn(socket, { role: "server" });
+ * conn.close();
+ * await assert.rejects(conn.readMessage(), ConnectionClosedError);
+ * peer.close();
+ * ```
+ */
+export class ConnectionClosedError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What was attempted.
+   * @param options The error's `cause`.
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConnectionClosedError";
+  }
+}
+
+/**
+ * Whether `error` is a {@linkcode CloseError} with one of `codes` (any code
+ * when none are given).
+ *
+ * @param error Anything caught.
+ * @param codes Close codes to accept.
+ * @returns True for a matching close error.
+ *
+ * @example Checking for a normal closure
+ * ```ts title="isCloseError"
+ * import { CloseError, isCloseError } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(isCloseError(new CloseError(1000), 1000, 1001), true);
+ * assert.equal(isCloseError(new Error("boom")), false);
+ * ```
+ */
+export function isCloseError(error: unknown, ...codes: number[]): boolean {
+  return error instanceof CloseError &&
+    (codes.length === 0 || codes.includes(error.code));
+}
+
+/**
+ * Whether `error` is a {@linkcode CloseError} whose code is not one of
+ * `expectedCodes`.
+ *
+ * @param error Anything caught.
+ * @param expectedCodes Close codes that are expected.
+ * @returns True for a close error with another code.
+ *
+ * @example Spotting an abnormal closure
+ * ```ts title="isUnexpectedCloseError"
+ * import { CloseError, isUnexpectedCloseError } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(isUnexpectedCloseError(new CloseError(1006), 1000, 1001), true);
+ * assert.equal(isUnexpectedCloseError(new CloseError(1001), 1000, 1001), false);
+ * ```
+ */
+export function isUnexpectedCloseError(
+  error: unknown,
+  ...expectedCodes: number[]
+): boolean {
+  return error instanceof CloseError && !expectedCodes.includes(error.code);
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
+const RESOLVED: Promise<void> = Promise.resolve();
+const noop = () => {};
+
+/** gorilla's default buffer sizes. */
+const DEFAULT_BUFFER_SIZE = 4096;
+/**
+ * Read buffer of an idle connection: its pending read holds only this much
+ * (issue 7, S6), and it grows to `readBufferSize` once a read fills it.
+ */
+const IDLE_READ_SIZE = 512;
+/** Largest frame that must fit the read buffer at once: a control frame. */
+const MAX_CONTROL_FRAME = 14 + MAX_CONTROL_PAYLOAD;
+/**
+ * Bytes queued for the socket beyond which a write waits until its frame is
+ * written (backpressure); below it a write resolves once queued, so a
+ * sequential echo loop still coalesces.
+ */
+const HIGH_WATER = 16 * 1024;
+/** Bytes queued beyond which further messages wait before being queued. */
+const QUEUE_LIMIT = 4 * HIGH_WATER;
+/** Payloads from this size are written as their own write, not copied. */
+const COPY_LIMIT = 4096;
+/** Largest piece a message payload is allocated in before it arrives. */
+const MAX_CHUNK = 16 * 1024 * 1024;
+/** How long a failed connection waits for its close frame to be written. */
+const FAIL_CLOSE_TIMEOUT = 1000;
+
+/** Crypto-random masking keys, fetched 64 at a time. */
+const keyPool = new Uint8Array(256);
+let keyPoolOffset = keyPool.length;
+function nextMaskKey(): Uint8Array {
+  if (keyPoolOffset === keyPool.length) {
+    crypto.getRandomValues(keyPool);
+    keyPoolOffset = 0;
+  }
+  const key = keyPool.slice(keyPoolOffset, keyPoolOffset + 4);
+  keyPoolOffset += 4;
+  return key;
+}
+
+/** The settle functions of one batch of frames written together. */
+interface Batch {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (error: unknown) => void;
+}
+
+function newBatch(): Batch {
+  const { promise, resolve, reject } = Promise.withResolvers<void>();
+  // Nobody may be awaiting this batch (writes below the high-water mark
+  // resolve at once); its failure is reported on the next write instead.
+  promise.catch(noop);
+  return { promise, resolve, reject };
+}
+
+function toBytes(data: Uint8Array | string, action: string): Uint8Array {
+  if (typeof data === "string") return encoder.encode(data);
+  if (data instanceof Uint8Array) return data;
+  throw new TypeError(
+    `Cannot ${action}: data must be a Uint8Array or a string`,
+  );
+}
+
+function isDataType(type: number): type is DataMessageType {
+  return type === MESSAGE_TYPE.Text || type === MESSAGE_TYPE.Binary;
+}
+
+function isControlType(type: number): boolean {
+  return type === MESSAGE_TYPE.Close || type === MESSAGE_TYPE.Ping ||
+    type === MESSAGE_TYPE.Pong;
+}
+
+/** Truncates a close reason to 123 bytes without splitting a character. */
+function closeReason(text: string): string {
+  let reason = text;
+  while (encoder.encode(reason).length > MAX_CONTROL_PAYLOAD - 2) {
+    reason = reason.slice(0, -1);
+  }
+  return reason;
+}
+
+/**
+ * A message encoded once and written to many connections
+ * (gorilla's `PreparedMessage`): the frame is built once per role.
+ *
+ * @example Broadcast one message
+ * ```ts title="Writing a prepared message"
+ * import { Conn, MESSAGE_TYPE, PreparedMessage } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [serverSocket, clientSocket] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const server = new Conn(serverSocket, { role: "server" });
+ * const client = new Conn(clientSocket, { role: "client" });
+ *
+ * const prepared = new PreparedMessage(MESSAGE_TYPE.Text, "news");
+ * await server.writePreparedMessage(prepared);
+ * const { data } = await client.readMessage();
+ * assert.equal(new TextDecoder().decode(data), "news");
+ * await Promise.all([client.closeGracefully(), server.closeGracefully()]);
+ * ```
+ */
+export class PreparedMessage {
+  /** The message type. */
+  readonly type: MessageType;
+  /** The payload. */
+  readonly data: Uint8Array;
+
+  /**
+   * Prepares a message.
+   *
+   * @param type The message type (data or control).
+   * @param data The payload, or a string sent as its UTF-8.
+   * @throws {TypeError} The type is not a message type.
+   * @throws {RangeError} A control payload exceeds 125 bytes.
+   */
+  constructor(type: MessageType, data: Uint8Array | string) {
+    if (!isDataType(type) && !isControlType(type)) {
+      throw new TypeError(
+        `Cannot prepare message: ${type} is not a message type`,
+      );
+    }
+    const bytes = toBytes(data, "prepare message").slice();
+    if (isControlType(type) && bytes.length > MAX_CONTROL_PAYLOAD) {
+      throw new RangeError(
+        `Cannot prepare message: a control payload of ${bytes.length} bytes exceeds 125`,
+      );
+    }
+    this.type = type;
+    this.data = bytes;
+  }
+}
+
+/** Unmasked frames of prepared messages, built on first use by a server. */
+const serverFrames = new WeakMap<PreparedMessage, Uint8Array>();
+
+function serverFrameOf(message: PreparedMessage): Uint8Array {
+  let frame = serverFrames.get(message);
+  if (frame === undefined) {
+    const length = message.data.length;
+    frame = new Uint8Array(headerLength(length, false) + length);
+    const size = writeHeader(frame, 0, 0x80 | message.type, length, undefined);
+    frame.set(message.data, size);
+    serverFrames.set(message, frame);
+  }
+  return frame;
+}
+
+/** A place in the order of data messages: `ready` when it is due. */
+interface Lock {
+  ready: Promise<void>;
+  release: () => void;
+}
+
+/** What a fragment writer needs from its connection. */
+interface WriterSink {
+  append(b0: number, payload: Uint8Array): Promise<void>;
+  room(): Promise<void>;
+  blocked(action: string): unknown;
+  fragmentSize: number;
+}
+
+/**
+ * A WebSocket connection: reads and writes messages over a
+ * {@linkcode Transport}. One reader at a time, as in gorilla; writes are safe
+ * from overlapping async callers (frames never interleave on the wire).
+ *
+ * @example Read messages with for await
+ * ```ts title="Iterating over messages"
+ * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [serverSocket, clientSocket] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const server = new Conn(serverSocket, { role: "server" });
+ * const client = new Conn(clientSocket, { role: "client" });
+ *
+ * await client.writeMessage(MESSAGE_TYPE.Text, "a");
+ * await client.writeMessage(MESSAGE_TYPE.Binary, new Uint8Array([1]));
+ * const closing = client.closeGracefully();
+ * const types = [];
+ * for await (const message of server) types.push(message.type);
+ * assert.deepEqual(types, [MESSAGE_TYPE.Text, MESSAGE_TYPE.Binary]);
+ * await closing;
+ * server.close();
+ * ```
+ */
+export class Conn implements AsyncIterable<Message>, AsyncDisposable {
+  #transport: Transport;
+  #client: boolean;
+  #subprotocol: string;
+  #closed = false;
+
+  // ---- read state ----
+  #readBufferSize: number;
+  #rbuf: Uint8Array;
+  #rpos = 0;
+  #rend = 0;
+  /** `#rbuf` up to `#rend`: what frame headers are parsed from. */
+  #rview: Uint8Array;
+  /** Whether reads use the full read buffer (data is flowing). */
+  #bigReads = false;
+  #header: FrameHeader = {
+    fin: false,
+    rsv1: false,
+    rsv2: false,
+    rsv3: false,
+    opcode: 0,
+    masked: false,
+    length: 0,
+    maskKey: new Uint8Array(4),
+    headerLength: 0,
+  };
+  /** Payload bytes of the current data frame not yet consumed. */
+  #remaining = 0;
+  #frameFin = true;
+  #frameMasked = false;
+  #frameKey = new Uint8Array(4);
+  #maskPos = 0;
+  /** A fragmented message is open: the next data frame must continue it. */
+  #messageOpen = false;
+  /** The current message has unconsumed payload (or frames) left. */
+  #messagePending = false;
+  #messageType: DataMessageType = MESSAGE_TYPE.Binary;
+  #messageLength = 0;
+  #validating = false;
+  #utf8: Utf8Validator | undefined;
+  #readLimit = 0;
+  #readDeadline = 0;
+  #reading = false;
+  #readSignal: AbortSignal | undefined;
+  #readErr: unknown;
+  #readIdle: (() => void)[] = [];
+  #draining: Promise<void> | undefined;
+  #closeReceived = false;
+  /** Counts messages begun, so a stale streaming reader can tell. */
+  #messageSeq = 0;
+
+  // ---- write state ----
+  #writeBufferSize: number;
+  #pool: BufferPool | undefined;
+  #spare: Uint8Array | undefined;
+  /** The buffer small frames are being coalesced into. */
+  #wbuf: Uint8Array | undefined;
+  #wstart = 0;
+  #wlen = 0;
+  /** Completed pieces of the batch being assembled, in order. */
+  #segments: Uint8Array[] = [];
+  /** Write buffers used by the batch being assembled. */
+  #batchBuffers: Uint8Array[] = [];
+  #batch: Batch | undefined;
+  #inFlight: Batch | undefined;
+  /** Bytes queued or in flight. */
+  #queued = 0;
+  #roomWaiters: (() => void)[] = [];
+  #writeDeadline = 0;
+  #writeErr: unknown;
+  #closeSent = false;
+  #lockTail: Promise<void> = RESOLVED;
+  #lockCount = 0;
+  #compressWrites = true;
+  #writerSink: WriterSink | undefined;
+
+  // ---- handlers ----
+  #closeHandler: CloseHandler;
+  #pingHandler: ControlHandler;
+  #pongHandler: ControlHandler;
+
+  /**
+   * Wraps a transport on which the opening handshake is complete.
+   *
+   * @param transport The byte stream (e.g. a `Deno.Conn`).
+   * @param options The role and buffer settings.
+   * @throws {TypeError} The role is neither `"server"` nor `"client"`.
+   * @throws {RangeError} A buffer size is not a positive integer.
+   */
+  constructor(transport: Transport, options: ConnOptions) {
+    if (options?.role !== "server" && options?.role !== "client") {
+      throw new TypeError(
+        `Cannot create connection: role must be "server" or "client", got ${options?.role}`,
+      );
+    }
+    const readBufferSize = options.readBufferSize ?? DEFAULT_BUFFER_SIZE;
+    const writeBufferSize = options.writeBufferSize ?? DEFAULT_BUFFER_SIZE;
+    for (
+      const [name, value] of [
+        ["readBufferSize", readBufferSize],
+        ["writeBufferSize", writeBufferSize],
+      ] as const
+    ) {
+      if (!Number.isInteger(value) || value <= 0) {
+        throw new RangeError(
+          `Cannot create connection: ${name} must be a positive integer, got ${value}`,
+        );
+      }
+    }
+    this.#transport = transport;
+    this.#client = options.role === "client";
+    this.#subprotocol = options.subprotocol ?? "";
+    this.#readBufferSize = Math.max(readBufferSize, MAX_CONTROL_FRAME);
+    this.#writeBufferSize = Math.max(writeBufferSize, MAX_CONTROL_FRAME);
+    this.#pool = options.writeBufferPool;
+    const head = options.head;
+    if (head !== undefined && head.length > 0) {
+      this.#rbuf = new Uint8Array(Math.max(head.length, IDLE_READ_SIZE));
+      this.#rbuf.set(head);
+      this.#rend = head.length;
+    } else {
+      this.#rbuf = new Uint8Array(
+        Math.min(IDLE_READ_SIZE, this.#readBufferSize),
+      );
+    }
+    this.#rview = this.#rbuf.subarray(0, this.#rend);
+    this.#closeHandler = this.#defaultCloseHandler;
+    this.#pingHandler = this.#defaultPingHandler;
+    this.#pongHandler = noop;
+  }
+
+  /** The subprotocol negotiated in the handshake, `""` when none. */
+  get subprotocol(): string {
+    return this.#subprotocol;
+  }
+
+  /** The local address of the transport. */
+  get localAddr(): Deno.Addr | undefined {
+    return this.#transport.localAddr;
+  }
+
+  /** The remote address of the transport. */
+  get remoteAddr(): Deno.Addr | undefined {
+    return this.#transport.remoteAddr;
+  }
+
+  /** The underlying transport (gorilla's `NetConn`). */
+  get transport(): Transport {
+    return this.#transport;
+  }
+
+  /** Whether {@linkcode Conn.close} closed the transport. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  // =========================================================== reading
+
+  /**
+   * Reads the next data message whole. Control frames that arrive first
+   * are handled on the way; the unread rest of a message begun with
+   * {@linkcode Conn.nextReader} is discarded.
+   *
+   * @param options An abort signal.
+   * @returns The message type and payload.
+   * @throws {CloseError} The peer sent a close frame, or the connection
+   * died (1006).
+   * @throws {ProtocolError} The peer broke the protocol; a close frame with
+   * `code` was sent and the transport closed.
+   * @throws {ReadLimitError} The message exceeds the read limit (1009 sent).
+   * @throws {Deno.errors.TimedOut} The read deadline passed.
+   * @throws {TypeError} Another read is in progress.
+   *
+   * @example Read one message
+   * ```ts title="readMessage"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await client.writeMessage(MESSAGE_TYPE.Binary, new Uint8Array([1, 2]));
+   * const message = await server.readMessage();
+   * assert.equal(message.type, MESSAGE_TYPE.Binary);
+   * assert.deepEqual([...message.data], [1, 2]);
+   * client.close();
+   * server.close();
+   * ```
+   */
+  async readMessage(options?: ReadOptions): Promise<Message> {
+    if (this.#draining !== undefined) await this.#draining;
+    this.#beginRead("read message", options?.signal);
+    try {
+      if (!this.#messagePending) {
+        const fast = this.#tryWholeMessage();
+        if (fast !== undefined) return fast;
+      }
+      await this.#startMessage();
+      const type = this.#messageType;
+      // Payload is allocated as it arrives, in pieces of at most
+      // MAX_CHUNK, so a header that merely claims a huge length costs
+      // nothing until the bytes really come.
+      const chunks: Uint8Array[] = [];
+      let total = 0;
+      while (true) {
+        while (this.#remaining > 0) {
+          const chunk = new Uint8Array(Math.min(this.#remaining, MAX_CHUNK));
+          await this.#readPayloadInto(chunk);
+          chunks.push(chunk);
+          total += chunk.length;
+        }
+        if (this.#frameFin) break;
+        await this.#nextDataFrame();
+      }
+      this.#messagePending = false;
+      if (chunks.length === 1) return { type, data: chunks[0] };
+      const data = new Uint8Array(total);
+      let offset = 0;
+      for (const chunk of chunks) {
+        data.set(chunk, offset);
+        offset += chunk.length;
+      }
+      return { type, data };
+    } catch (error) {
+      throw this.#failRead(error);
+    } finally {
+      this.#endRead();
+    }
+  }
+
+  /**
+   * Starts reading the next data message as a stream: resolves once its
+   * first frame header arrived, and the reader yields payload bytes as they
+   * are read. Starting another message discards the unread rest.
+   *
+   * @param options An abort signal for the wait for the first frame.
+   * @returns The message type and a reader of its payload.
+   * @throws {CloseError} The peer sent a close frame or the connection died.
+   * @throws {ProtocolError} The peer broke the protocol.
+   * @throws {TypeError} Another read is in progress.
+   *
+   * @example Stream a message
+   * ```ts title="nextReader"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await client.writeMessage(MESSAGE_TYPE.Binary, new Uint8Array(10).fill(7));
+   * const { type, reader } = await server.nextReader();
+   * assert.equal(type, MESSAGE_TYPE.Binary);
+   * const buffer = new Uint8Array(4);
+   * let total = 0;
+   * for (let n; (n = await reader.read(buffer)) !== null;) total += n;
+   * assert.equal(total, 10);
+   * client.close();
+   * server.close();
+   * ```
+   */
+  async nextReader(options?: ReadOptions): Promise<NextReaderResult> {
+    if (this.#draining !== undefined) await this.#draining;
+    this.#beginRead("start reader", options?.signal);
+    try {
+      await this.#startMessage();
+    } catch (error) {
+      throw this.#failRead(error);
+    } finally {
+      this.#endRead();
+    }
+    const seq = this.#messageSeq;
+    return {
+      type: this.#messageType,
+      reader: { read: (buffer) => this.#readStream(seq, buffer) },
+    };
+  }
+
+  /**
+   * Reads the next message and parses it as JSON.
+   *
+   * @param options An abort signal.
+   * @returns The parsed value.
+   * @throws {SyntaxError} The message is not JSON.
+   * @throws {CloseError} As {@linkcode Conn.readMessage}.
+   *
+   * @example Exchange JSON
+   * ```ts title="readJSON"
+   * import { Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await client.writeJSON({ n: 1 });
+   * assert.deepEqual(await server.readJSON(), { n: 1 });
+   * client.close();
+   * server.close();
+   * ```
+   */
+  async readJSON<T = unknown>(options?: ReadOptions): Promise<T> {
+    const { data } = await this.readMessage(options);
+    return JSON.parse(decoder.decode(data)) as T;
+  }
+
+  /**
+   * Iterates over data messages until the peer closes with 1000, 1001 or no
+   * status (1005); any other close or failure is thrown.
+   *
+   * @returns An async iterator of messages.
+   */
+  async *[Symbol.asyncIterator](): AsyncIterator<Message> {
+    while (true) {
+      try {
+        yield await this.readMessage();
+      } catch (error) {
+        if (
+          isCloseError(
+            error,
+            CLOSE_CODE.NormalClosure,
+            CLOSE_CODE.GoingAway,
+            CLOSE_CODE.NoStatusReceived,
+          )
+        ) return;
+        throw error;
+      }
+    }
+  }
+
+  /**
+   * Sets the largest message the peer may send, in bytes; 0 (the default)
+   * means no limit. A larger message fails the connection with 1009.
+   *
+   * @param limit The limit in bytes.
+   * @throws {RangeError} The limit is not a non-negative integer.
+   *
+   * @example Limit messages to 1 KiB
+   * ```ts title="setReadLimit"
+   * import { Conn } from "./conn.ts";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [socket, peer] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const conn = new Conn(socket, { role: "server" });
+   * conn.setReadLimit(1024);
+   * conn.close();
+   * peer.close();
+   * ```
+   */
+  setReadLimit(limit: number): void {
+    if (!Number.isSafeInteger(limit) || limit < 0) {
+      throw new RangeError(
+        `Cannot set read limit: ${limit} is not a non-negative integer`,
+      );
+    }
+    this.#readLimit = limit;
+  }
+
+  /**
+   * Sets when pending and future reads give up (`null`: never). A read that
+   * times out fails the read side for good with `Deno.errors.TimedOut`.
+   *
+   * @param time The absolute deadline, or `null`.
+   * @throws {TypeError} `time` is not a valid `Date` or `null`.
+   *
+   * @example A read that times out
+   * ```ts title="setReadDeadline"
+   * import { Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [socket, peer] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const conn = new Conn(socket, { role: "server" });
+   * conn.setReadDeadline(new Date(Date.now() + 10));
+   * await assert.rejects(conn.readMessage(), Deno.errors.TimedOut);
+   * conn.close();
+   * peer.close();
+   * ```
+   */
+  setReadDeadline(time: Date | null): void {
+    this.#readDeadline = deadlineOf(time, "set read deadline");
+  }
+
+  // =========================================================== writing
+
+  /**
+   * Writes a whole message. Data messages wait behind an open
+   * {@linkcode Conn.nextWriter}; control types go to
+   * {@linkcode Conn.writeControl}. Resolves once the frame is queued while
+   * little is queued, otherwise once it is written (backpressure).
+   *
+   * @param type The message type.
+   * @param data The payload, or a string sent as its UTF-8.
+   * @throws {TypeError} The type is not a message type or data is not bytes
+   * or a string.
+   * @throws {CloseSentError} A close frame was already sent.
+   * @throws {Deno.errors.TimedOut} The write deadline passed.
+   *
+   * @example Write text and binary messages
+   * ```ts title="writeMessage"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await server.writeMessage(MESSAGE_TYPE.Text, "hi");
+   * assert.equal(new TextDecoder().decode((await client.readMessage()).data), "hi");
+   * client.close();
+   * server.close();
+   * ```
+   */
+  writeMessage(type: MessageType, data: Uint8Array | string): Promise<void> {
+    if (!isDataType(type)) {
+      if (isControlType(type)) return this.writeControl(type, data);
+      return Promise.reject(
+        new TypeError(`Cannot write message: ${type} is not a message type`),
+      );
+    }
+    let bytes: Uint8Array;
+    try {
+      bytes = toBytes(data, "write message");
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const blocked = this.#writeBlocked("write message");
+    if (blocked !== undefined) return Promise.reject(blocked);
+    if (this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT) {
+      return this.#append(0x80 | type, bytes, false);
+    }
+    return this.#writeLocked(0x80 | type, bytes);
+  }
+
+  /**
+   * Starts a message sent in fragments: each fragment is a frame of up to
+   * `writeBufferSize` bytes, and `close()` sends the final one. Other data
+   * messages wait until the writer is closed; control frames may go
+   * between its fragments.
+   *
+   * @param type {@linkcode MESSAGE_TYPE.Text} or {@linkcode MESSAGE_TYPE.Binary}.
+   * @returns The writer.
+   * @throws {TypeError} The type is not a data message type.
+   *
+   * @example Stream a message in pieces
+   * ```ts title="nextWriter"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * const writer = server.nextWriter(MESSAGE_TYPE.Text);
+   * await writer.write("hello, ");
+   * await writer.write("world");
+   * await writer.close();
+   * const { data } = await client.readMessage();
+   * assert.equal(new TextDecoder().decode(data), "hello, world");
+   * client.close();
+   * server.close();
+   * ```
+   */
+  nextWriter(type: DataMessageType): MessageWriter {
+    if (!isDataType(type)) {
+      throw new TypeError(
+        `Cannot start writer: ${type} is not a data message type`,
+      );
+    }
+    this.#writerSink ??= {
+      append: (b0, payload) => this.#append(b0, payload, false),
+      room: () => this.#room(),
+      blocked: (action) => this.#writeBlocked(action),
+      fragmentSize: this.#writeBufferSize,
+    };
+    return new FragmentWriter(this.#writerSink, type, this.#acquireLock());
+  }
+
+  /**
+   * Writes a close, ping or pong frame (payload at most 125 bytes) and
+   * resolves once it is written. It may go between fragments of a message.
+   *
+   * @param type {@linkcode MESSAGE_TYPE.Close}, `Ping` or `Pong`.
+   * @param data The payload (for close, see {@linkcode formatCloseMessage}).
+   * @param options A deadline for this frame.
+   * @throws {TypeError} The type is not a control type.
+   * @throws {RangeError} The payload exceeds 125 bytes.
+   * @throws {CloseSentError} A close frame was already sent.
+   * @throws {Deno.errors.TimedOut} The deadline passed.
+   *
+   * @example Send a ping
+   * ```ts title="writeControl"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * const pong = Promise.withResolvers<string>();
+   * client.setPongHandler((data) => pong.resolve(new TextDecoder().decode(data)));
+   * await client.writeControl(MESSAGE_TYPE.Ping, new TextEncoder().encode("p"), {
+   *   deadline: new Date(Date.now() + 1000),
+   * });
+   * const reading = client.readMessage().catch(() => {});
+   * await server.readMessage().catch(() => {}).then(() => {});
+   * assert.equal(await pong.promise, "p");
+   * client.close();
+   * server.close();
+   * await reading;
+   * ```
+   */
+  writeControl(
+    type: MessageType,
+    data: Uint8Array | string = new Uint8Array(0),
+    options?: WriteControlOptions,
+  ): Promise<void> {
+    if (!isControlType(type)) {
+      return Promise.reject(
+        new TypeError(
+          `Cannot write control frame: ${type} is not a control type`,
+        ),
+      );
+    }
+    let bytes: Uint8Array;
+    try {
+      bytes = toBytes(data, "write control frame");
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (bytes.length > MAX_CONTROL_PAYLOAD) {
+      return Promise.reject(
+        new RangeError(
+          `Cannot write control frame: the payload is ${bytes.length} bytes, over 125`,
+        ),
+      );
+    }
+    let deadline = 0;
+    if (options?.deadline !== undefined) {
+      try {
+        deadline = deadlineOf(options.deadline, "write control frame");
+      } catch (error) {
+        return Promise.reject(error);
+      }
+    }
+    const blocked = this.#writeBlocked("write control frame");
+    if (blocked !== undefined) return Promise.reject(blocked);
+    if (type === MESSAGE_TYPE.Close) this.#closeSent = true;
+    const written = this.#append(0x80 | type, bytes, true);
+    if (type === MESSAGE_TYPE.Close && this.#closeReceived) {
+      this.#closeAfterFlush();
+    }
+    if (deadline === 0) return written;
+    return this.#withDeadline(written, deadline);
+  }
+
+  /**
+   * Writes `value` as a JSON text message.
+   *
+   * @param value Anything `JSON.stringify` accepts.
+   * @throws {TypeError} The value does not serialise to JSON.
+   *
+   * @example Send JSON
+   * ```ts title="writeJSON"
+   * import { Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await server.writeJSON([1, "two"]);
+   * assert.deepEqual(await client.readJSON(), [1, "two"]);
+   * client.close();
+   * server.close();
+   * ```
+   */
+  writeJSON(value: unknown): Promise<void> {
+    let text: string | undefined;
+    try {
+      text = JSON.stringify(value);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (text === undefined) {
+      return Promise.reject(
+        new TypeError(
+          "Cannot write JSON: the value does not serialise to JSON",
+        ),
+      );
+    }
+    return this.writeMessage(MESSAGE_TYPE.Text, text);
+  }
+
+  /**
+   * Writes a {@linkcode PreparedMessage}; a server reuses its encoded frame.
+   *
+   * @param message The prepared message.
+   * @throws {CloseSentError} A close frame was already sent.
+   *
+   * @example See {@linkcode PreparedMessage}
+   * ```ts title="writePreparedMessage"
+   * import { Conn, MESSAGE_TYPE, PreparedMessage } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * await client.writePreparedMessage(new PreparedMessage(MESSAGE_TYPE.Binary, new Uint8Array([9])));
+   * assert.deepEqual([...(await server.readMessage()).data], [9]);
+   * client.close();
+   * server.close();
+   * ```
+   */
+  writePreparedMessage(message: PreparedMessage): Promise<void> {
+    if (!(message instanceof PreparedMessage)) {
+      return Promise.reject(
+        new TypeError("Cannot write prepared message: not a PreparedMessage"),
+      );
+    }
+    if (this.#client || !isDataType(message.type)) {
+      return this.writeMessage(message.type, message.data);
+    }
+    const blocked = this.#writeBlocked("write prepared message");
+    if (blocked !== undefined) return Promise.reject(blocked);
+    if (this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT) {
+      return this.#appendRaw(serverFrameOf(message));
+    }
+    return this.#writeLocked(0x80 | message.type, message.data);
+  }
+
+  /**
+   * Sets when pending and future writes give up (`null`: never). A write
+   * that times out fails the write side for good with
+   * `Deno.errors.TimedOut`.
+   *
+   * @param time The absolute deadline, or `null`.
+   * @throws {TypeError} `time` is not a valid `Date` or `null`.
+   *
+   * @example Bound every write by one second
+   * ```ts title="setWriteDeadline"
+   * import { Conn, MESSAGE_TYPE } from "./conn.ts";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [socket, peer] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const conn = new Conn(socket, { role: "server" });
+   * conn.setWriteDeadline(new Date(Date.now() + 1000));
+   * await conn.writeMessage(MESSAGE_TYPE.Text, "in time");
+   * conn.setWriteDeadline(null);
+   * conn.close();
+   * peer.close();
+   * ```
+   */
+  setWriteDeadline(time: Date | null): void {
+    this.#writeDeadline = deadlineOf(time, "set write deadline");
+  }
+
+  /**
+   * Turns compression of written messages on or off. Without a negotiated
+   * permessage-deflate extension it has no effect.
+   *
+   * @param enable Whether to compress messages written from now on.
+   */
+  enableWriteCompression(enable: boolean): void {
+    this.#compressWrites = enable;
+  }
+
+  /** Whether written messages are compressed when the extension is on. */
+  get writeCompression(): boolean {
+    return this.#compressWrites;
+  }
+
+  // ========================================================== handlers
+
+  /**
+   * Sets the function called when a close frame arrives; `null` restores
+   * the default, which echoes the close code back (RFC 6455 section 5.5.1).
+   * The read that received it then rejects with a {@linkcode CloseError}.
+   *
+   * @param handler The handler, or `null`.
+   *
+   * @example Record the close code
+   * ```ts title="setCloseHandler"
+   * import { Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * let received = 0;
+   * server.setCloseHandler((code) => { received = code; });
+   * const closing = client.closeGracefully(4000, "done", { timeout: 200 });
+   * await server.readMessage().catch(() => {});
+   * assert.equal(received, 4000);
+   * server.close();
+   * await closing;
+   * ```
+   */
+  setCloseHandler(handler: CloseHandler | null): void {
+    this.#closeHandler = handler ?? this.#defaultCloseHandler;
+  }
+
+  /**
+   * Returns the current close handler.
+   *
+   * @returns The close handler.
+   */
+  closeHandler(): CloseHandler {
+    return this.#closeHandler;
+  }
+
+  /**
+   * Sets the function called when a ping arrives; `null` restores the
+   * default, which answers with a pong carrying the same payload.
+   *
+   * @param handler The handler, or `null`.
+   */
+  setPingHandler(handler: ControlHandler | null): void {
+    this.#pingHandler = handler ?? this.#defaultPingHandler;
+  }
+
+  /**
+   * Returns the current ping handler.
+   *
+   * @returns The ping handler.
+   */
+  pingHandler(): ControlHandler {
+    return this.#pingHandler;
+  }
+
+  /**
+   * Sets the function called when a pong arrives; `null` restores the
+   * default, which ignores it.
+   *
+   * @param handler The handler, or `null`.
+   */
+  setPongHandler(handler: ControlHandler | null): void {
+    this.#pongHandler = handler ?? noop;
+  }
+
+  /**
+   * Returns the current pong handler.
+   *
+   * @returns The pong handler.
+   */
+  pongHandler(): ControlHandler {
+    return this.#pongHandler;
+  }
+
+  #defaultCloseHandler: CloseHandler = (code) => {
+    if (this.#closeSent || this.#writeErr !== undefined) return;
+    return this.writeControl(MESSAGE_TYPE.Close, formatCloseMessage(code))
+      .catch(noop);
+  };
+
+  #defaultPingHandler: ControlHandler = (data) => {
+    if (this.#closeSent || this.#writeErr !== undefined) return;
+    return this.writeControl(MESSAGE_TYPE.Pong, data).catch(noop);
+  };
+
+  // =========================================================== closing
+
+  /**
+   * Closes the transport at once, without a closing handshake (gorilla's
+   * `Close`). Pending reads and writes reject. Calling it again does nothing.
+   *
+   * @example Close immediately
+   * ```ts title="close"
+   * import { Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [socket, peer] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const conn = new Conn(socket, { role: "server" });
+   * conn.close();
+   * assert.equal(conn.closed, true);
+   * peer.close();
+   * ```
+   */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const error = new ConnectionClosedError(
+      "Cannot use connection: it was closed",
+    );
+    this.#readErr ??= error;
+    this.#writeErr ??= error;
+    try {
+      this.#transport.close();
+    } catch {
+      // Already closed by its owner: nothing left to release.
+    }
+    this.#rejectQueued(this.#writeErr);
+    this.#wakeRoom();
+  }
+
+  /**
+   * Closes with the closing handshake (RFC 6455 section 7.1.2): sends a
+   * close frame, waits for the peer's close frame up to `timeout`, then
+   * closes the transport. It works whether or not the application is
+   * reading; when it is not, data messages that arrive meanwhile are
+   * discarded. Never rejects.
+   *
+   * @param code The close code (default 1000).
+   * @param reason The close reason (default empty).
+   * @param options How long to wait for the peer.
+   * @throws {RangeError} The code cannot be sent or the reason is over 123
+   * bytes (thrown synchronously; nothing is sent).
+   *
+   * @example Close politely
+   * ```ts title="closeGracefully"
+   * import { CloseError, Conn } from "./conn.ts";
+   * import assert from "node:assert/strict";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const server = new Conn(serverSocket, { role: "server" });
+   * const client = new Conn(clientSocket, { role: "client" });
+   * const reading = server.readMessage().catch((error) => error);
+   * await client.closeGracefully(1001, "bye", { timeout: 1000 });
+   * const error = await reading;
+   * assert.ok(error instanceof CloseError);
+   * assert.equal(error.code, 1001);
+   * server.close();
+   * ```
+   */
+  closeGracefully(
+    code: number = CLOSE_CODE.NormalClosure,
+    reason = "",
+    options?: CloseGracefullyOptions,
+  ): Promise<void> {
+    const payload = formatCloseMessage(code, reason);
+    const timeout = options?.timeout ?? 5000;
+    if (!Number.isFinite(timeout) || timeout < 0) {
+      throw new RangeError(
+        `Cannot close gracefully: timeout ${timeout} is not a non-negative number`,
+      );
+    }
+    if (this.#closed) return RESOLVED;
+    return this.#closeGracefully(payload, timeout);
+  }
+
+  async #closeGracefully(payload: Uint8Array, timeout: number): Promise<void> {
+    const timer = setTimeout(() => this.close(), timeout);
+    try {
+      if (!this.#closeSent && this.#writeErr === undefined) {
+        await this.writeControl(MESSAGE_TYPE.Close, payload).catch(noop);
+      }
+      while (!this.#closed && this.#readErr === undefined) {
+        if (this.#reading) {
+          await new Promise<void>((resolve) => this.#readIdle.push(resolve));
+        } else {
+          await this.#drain();
+        }
+      }
+    } finally {
+      clearTimeout(timer);
+      this.close();
+    }
+  }
+
+  /** Reads and discards messages until the read side fails (a close frame). */
+  #drain(): Promise<void> {
+    if (this.#draining === undefined) {
+      this.#reading = true;
+      this.#draining = (async () => {
+        try {
+          while (true) await this.#startMessage();
+        } catch (error) {
+          this.#failRead(error);
+        } finally {
+          this.#draining = undefined;
+          this.#endRead();
+        }
+      })();
+    }
+    return this.#draining;
+  }
+
+  /**
+   * Closes gracefully with 1000 (see {@linkcode Conn.closeGracefully}).
+   *
+   * @returns A promise that resolves once the transport is closed.
+   */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.closeGracefully();
+  }
+
+  // ======================================================= read engine
+
+  #beginRead(action: string, signal: AbortSignal | undefined): void {
+    if (this.#reading) {
+      throw new TypeError(`Cannot ${action}: another read is in progress`);
+    }
+    if (this.#readErr !== undefined) throw this.#readErr;
+    if (signal?.aborted) throw signal.reason;
+    this.#reading = true;
+    this.#readSignal = signal;
+  }
+
+  #endRead(): void {
+    this.#reading = false;
+    this.#readSignal = undefined;
+    if (this.#readIdle.length > 0) {
+      const waiters = this.#readIdle;
+      this.#readIdle = [];
+      for (const wake of waiters) wake();
+    }
+  }
+
+  /**
+   * Fast path: a whole unfragmented data frame already buffered is read
+   * without a single await. Returns undefined to take the general path.
+   */
+  #tryWholeMessage(): Message | undefined {
+    const buf = this.#rview;
+    const h = parseHeader(buf, this.#rpos, this.#header);
+    if (h === null || !h.fin || (h.opcode !== 1 && h.opcode !== 2)) {
+      return undefined;
+    }
+    const total = h.headerLength + h.length;
+    if (
+      this.#rend - this.#rpos < total || this.#headerProblem(h) !== undefined ||
+      (this.#readLimit > 0 && h.length > this.#readLimit)
+    ) return undefined;
+    const start = this.#rpos + h.headerLength;
+    const payload = buf.subarray(start, start + h.length);
+    if (h.masked) maskInPlace(payload, h.maskKey, 0);
+    this.#rpos += total;
+    this.#messageSeq++;
+    if (h.opcode === MESSAGE_TYPE.Text) {
+      this.#utf8 ??= new Utf8Validator();
+      if (!this.#utf8.push(payload, true)) throw invalidUtf8();
+    }
+    return { type: h.opcode, data: payload.slice() };
+  }
+
+  /**
+   * Moves to the first frame of the next data message, discarding what is
+   * left of the current one.
+   */
+  async #startMessage(): Promise<void> {
+    while (this.#messagePending) {
+      if (this.#remaining > 0) await this.#skipPayload();
+      else if (this.#frameFin) this.#messagePending = false;
+      else await this.#nextDataFrame();
+    }
+    await this.#nextDataFrame();
+    this.#messagePending = true;
+    this.#messageSeq++;
+  }
+
+  /**
+   * Reads frame headers, handling control frames on the way, until the
+   * header of a data frame that is legal here; it becomes the current frame.
+   */
+  async #nextDataFrame(): Promise<void> {
+    while (true) {
+      let h = parseHeader(this.#rview, this.#rpos, this.#header);
+      while (h === null) {
+        await this.#fill(MAX_HEADER_LENGTH);
+        h = parseHeader(this.#rview, this.#rpos, this.#header);
+      }
+      const problem = this.#headerProblem(h);
+      if (problem !== undefined) {
+        throw new ProtocolError(problem, CLOSE_CODE.ProtocolError);
+      }
+      if (h.opcode >= 8) {
+        const total = h.headerLength + h.length;
+        while (this.#rend - this.#rpos < total) await this.#fill(total);
+        const start = this.#rpos + h.headerLength;
+        const payload = this.#rbuf.slice(start, start + h.length);
+        this.#rpos += total;
+        if (h.masked) maskInPlace(payload, h.maskKey, 0);
+        await this.#handleControl(h.opcode, payload);
+        continue;
+      }
+      const length = h.length;
+      const before = h.opcode === OPCODE.Continuation ? this.#messageLength : 0;
+      if (this.#readLimit > 0 && before + length > this.#readLimit) {
+        throw new ReadLimitError(this.#readLimit);
+      }
+      this.#rpos += h.headerLength;
+      if (h.opcode !== OPCODE.Continuation) {
+        this.#messageType = h.opcode as DataMessageType;
+        this.#messageLength = 0;
+        this.#validating = h.opcode === MESSAGE_TYPE.Text;
+        if (this.#validating) this.#utf8 ??= new Utf8Validator();
+      }
+      this.#messageLength += length;
+      this.#remaining = length;
+      this.#frameFin = h.fin;
+      this.#messageOpen = !h.fin;
+      this.#frameMasked = h.masked;
+      if (h.masked) this.#frameKey.set(h.maskKey);
+      this.#maskPos = 0;
+      if (length === 0 && this.#validating && h.fin) {
+        this.#checkUtf8(new Uint8Array(0));
+      }
+      return;
+    }
+  }
+
+  /** Every problem of a header, joined into one close reason, or undefined. */
+  #headerProblem(h: FrameHeader): string | undefined {
+    let problems: string[] | undefined;
+    const add = (problem: string) => (problems ??= []).push(problem);
+    if (h.rsv1) add("RSV1 set with no extension negotiated");
+    if (h.rsv2) add("RSV2 set");
+    if (h.rsv3) add("RSV3 set");
+    const opcode = h.opcode;
+    if ((opcode > 2 && opcode < 8) || opcode > 10) {
+      add(`reserved opcode ${opcode}`);
+    } else if (opcode >= 8) {
+      if (!h.fin) add("fragmented control frame");
+      if (h.length > MAX_CONTROL_PAYLOAD) {
+        add(`control frame payload of ${h.length} bytes`);
+      }
+    } else if (opcode === OPCODE.Continuation) {
+      if (!this.#messageOpen) add("continuation frame with no message open");
+    } else if (this.#messageOpen) {
+      add("new data frame while a fragmented message is open");
+    }
+    if (h.masked === this.#client) {
+      add(
+        this.#client
+          ? "masked frame from server"
+          : "unmasked frame from client",
+      );
+    }
+    return problems === undefined
+      ? undefined
+      : `Invalid frame: ${problems.join(", ")}`;
+  }
+
+  async #handleControl(opcode: number, payload: Uint8Array): Promise<void> {
+    if (opcode === OPCODE.Ping) {
+      const result = this.#pingHandler(payload);
+      if (result) await result;
+    } else if (opcode === OPCODE.Pong) {
+      const result = this.#pongHandler(payload);
+      if (result) await result;
+    } else {
+      const { code, reason } = parseClosePayload(payload);
+      this.#closeReceived = true;
+      // Both close frames have now crossed: RFC 6455 section 7.1.1 says to
+      // close the TCP connection. A close sent by the handler below does
+      // the same from writeControl().
+      if (this.#closeSent) this.#closeAfterFlush();
+      const result = this.#closeHandler(code, reason);
+      if (result) await result;
+      throw new CloseError(code, reason);
+    }
+  }
+
+  /** Unmasks and validates payload bytes just consumed from the current frame. */
+  #consume(chunk: Uint8Array): void {
+    this.#remaining -= chunk.length;
+    if (this.#frameMasked) {
+      this.#maskPos = maskInPlace(chunk, this.#frameKey, this.#maskPos);
+    }
+    if (this.#validating) this.#checkUtf8(chunk);
+  }
+
+  #checkUtf8(chunk: Uint8Array): void {
+    const final = this.#remaining === 0 && this.#frameFin;
+    if (!this.#utf8!.push(chunk, final)) throw invalidUtf8();
+  }
+
+  /** Fills `dest` (at most the frame's remaining bytes) with payload. */
+  async #readPayloadInto(dest: Uint8Array): Promise<void> {
+    let filled = 0;
+    while (filled < dest.length) {
+      let n = this.#rend - this.#rpos;
+      if (n > 0) {
+        n = Math.min(n, dest.length - filled);
+        dest.set(this.#rbuf.subarray(this.#rpos, this.#rpos + n), filled);
+        this.#rpos += n;
+      } else if (dest.length - filled >= this.#readBufferSize) {
+        // Large payloads are read straight into their destination.
+        const got = await this.#transportRead(dest.subarray(filled));
+        n = got;
+      } else {
+        await this.#fill(1);
+        continue;
+      }
+      this.#consume(dest.subarray(filled, filled + n));
+      filled += n;
+    }
+  }
+
+  /** Consumes the rest of the current frame's payload without keeping it. */
+  async #skipPayload(): Promise<void> {
+    while (this.#remaining > 0) {
+      if (this.#rend === this.#rpos) await this.#fill(1);
+      const n = Math.min(this.#rend - this.#rpos, this.#remaining);
+      const chunk = this.#rbuf.subarray(this.#rpos, this.#rpos + n);
+      this.#rpos += n;
+      this.#consume(chunk);
+    }
+  }
+
+  /** One streaming read of message `seq` into `buffer`. */
+  async #readStream(seq: number, buffer: Uint8Array): Promise<number | null> {
+    if (seq !== this.#messageSeq || !this.#messagePending) {
+      if (seq !== this.#messageSeq) {
+        throw new TypeError(
+          "Cannot read message: a newer message was started",
+        );
+      }
+      return null;
+    }
+    this.#beginRead("read message", undefined);
+    try {
+      while (this.#remaining === 0) {
+        if (this.#frameFin) {
+          this.#messagePending = false;
+          return null;
+        }
+        await this.#nextDataFrame();
+      }
+      if (buffer.length === 0) return 0;
+      const dest = buffer.subarray(0, Math.min(buffer.length, this.#remaining));
+      if (this.#rend === this.#rpos && dest.length < this.#readBufferSize) {
+        await this.#fill(1);
+      }
+      let n = this.#rend - this.#rpos;
+      if (n > 0) {
+        n = Math.min(n, dest.length);
+        dest.set(this.#rbuf.subarray(this.#rpos, this.#rpos + n));
+        this.#rpos += n;
+      } else {
+        n = await this.#transportRead(dest);
+      }
+      this.#consume(dest.subarray(0, n));
+      if (this.#remaining === 0 && this.#frameFin) this.#messagePending = false;
+      return n;
+    } catch (error) {
+      throw this.#failRead(error);
+    } finally {
+      this.#endRead();
+    }
+  }
+
+  /**
+   * Reads once from the transport into the read buffer, first making room
+   * for `need` unparsed bytes in total. Only a partial header or control
+   * frame is ever left unparsed (payload is consumed as it comes), so the
+   * bytes moved here are few. An idle connection reads into a small buffer
+   * (its pending read holds just that); a read that fills the buffer makes
+   * the next one full size, and a short read makes it small again.
+   */
+  async #fill(need: number): Promise<void> {
+    const pending = this.#rend - this.#rpos;
+    const size = Math.max(
+      need,
+      this.#bigReads
+        ? this.#readBufferSize
+        : Math.min(IDLE_READ_SIZE, this.#readBufferSize),
+    );
+    let buf = this.#rbuf;
+    if (pending === 0) {
+      this.#rpos = this.#rend = 0;
+      if (buf.length !== size) buf = this.#rbuf = new Uint8Array(size);
+    } else if (buf.length === this.#rend || buf.length - this.#rpos < need) {
+      if (buf.length >= size) {
+        buf.copyWithin(0, this.#rpos, this.#rend);
+      } else {
+        buf = this.#rbuf = new Uint8Array(size);
+        buf.set(this.#rbufPending());
+      }
+      this.#rpos = 0;
+      this.#rend = pending;
+    }
+    const space = buf.subarray(this.#rend);
+    const n = await this.#transportRead(space);
+    this.#rend += n;
+    this.#rview = buf.subarray(0, this.#rend);
+    if (n === space.length) this.#bigReads = true;
+    else if (n < IDLE_READ_SIZE / 2) this.#bigReads = false;
+  }
+
+  #rbufPending(): Uint8Array {
+    return this.#rbuf.subarray(this.#rpos, this.#rend);
+  }
+
+  /** One transport read, bounded by the read deadline and signal. */
+  async #transportRead(buffer: Uint8Array): Promise<number> {
+    let n: number | null;
+    try {
+      const read = this.#transport.read(buffer);
+      n = this.#readDeadline === 0 && this.#readSignal === undefined
+        ? await read
+        : await race(read, this.#readDeadline, this.#readSignal, "read");
+    } catch (error) {
+      if (
+        error instanceof Deno.errors.TimedOut ||
+        isAbort(error, this.#readSignal)
+      ) {
+        throw error;
+      }
+      if (this.#closed) throw this.#readErr;
+      throw new CloseError(
+        CLOSE_CODE.AbnormalClosure,
+        `transport read failed: ${(error as Error)?.message ?? error}`,
+        { cause: error },
+      );
+    }
+    if (n === null) {
+      throw new CloseError(CLOSE_CODE.AbnormalClosure, "unexpected EOF");
+    }
+    return n;
+  }
+
+  /**
+   * Makes a read error sticky and reacts to it: a protocol error sends its
+   * close frame and closes the transport; a dead transport is closed.
+   */
+  #failRead(error: unknown): unknown {
+    if (this.#readErr !== undefined) return this.#readErr;
+    this.#readErr = error;
+    if (error instanceof ProtocolError) {
+      this.#failConnection(error);
+    } else if (
+      error instanceof CloseError && error.code === CLOSE_CODE.AbnormalClosure
+    ) {
+      this.close();
+    }
+    return error;
+  }
+
+  /** Sends the close frame for a protocol error, then closes (RFC 7.1.7). */
+  #failConnection(error: ProtocolError): void {
+    if (this.#closeSent || this.#writeErr !== undefined) {
+      this.close();
+      return;
+    }
+    this.#closeSent = true;
+    const payload = formatCloseMessage(error.code, closeReason(error.message));
+    const written = this.#append(0x80 | OPCODE.Close, payload, true);
+    const timer = setTimeout(() => this.close(), FAIL_CLOSE_TIMEOUT);
+    const finish = () => {
+      clearTimeout(timer);
+      this.close();
+    };
+    written.then(finish, finish);
+  }
+
+  // ====================================================== write engine
+
+  #writeBlocked(action: string): unknown {
+    if (this.#writeErr !== undefined) return this.#writeErr;
+    if (this.#closeSent) {
+      return new CloseSentError(
+        `Cannot ${action}: a close frame was already sent`,
+      );
+    }
+    return undefined;
+  }
+
+  /** Slow path of a message write: in turn behind writers and a full queue. */
+  async #writeLocked(b0: number, payload: Uint8Array): Promise<void> {
+    const lock = this.#acquireLock();
+    let written: Promise<void>;
+    try {
+      await lock.ready;
+      await this.#room();
+      const blocked = this.#writeBlocked("write message");
+      if (blocked !== undefined) throw blocked;
+      written = this.#append(b0, payload, false);
+    } finally {
+      lock.release();
+    }
+    return written;
+  }
+
+  /** Takes a place in the order of data messages; `ready` when it is due. */
+  #acquireLock(): Lock {
+    this.#lockCount++;
+    const ready = this.#lockTail;
+    const { promise, resolve } = Promise.withResolvers<void>();
+    this.#lockTail = promise;
+    let released = false;
+    return {
+      ready,
+      release: () => {
+        if (released) return;
+        released = true;
+        this.#lockCount--;
+        resolve();
+      },
+    };
+  }
+
+  /** Resolves once the queue is below its limit (or the write side failed). */
+  #room(): Promise<void> {
+    if (this.#queued <= QUEUE_LIMIT || this.#writeErr !== undefined) {
+      return RESOLVED;
+    }
+    return new Promise<void>((resolve) => this.#roomWaiters.push(resolve))
+      .then(() => this.#room());
+  }
+
+  #wakeRoom(): void {
+    if (this.#roomWaiters.length === 0) return;
+    const waiters = this.#roomWaiters;
+    this.#roomWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /**
+   * Queues one frame. Small frames are copied into the coalescing buffer; a
+   * large server payload is queued by reference as its own write, so the
+   * caller must wait for it to be written before reusing its bytes.
+   * Resolves at once while the queue is short, unless `wait`.
+   */
+  #append(b0: number, payload: Uint8Array, wait: boolean): Promise<void> {
+    const length = payload.length;
+    const key = this.#client ? nextMaskKey() : undefined;
+    const size = headerLength(length, this.#client) + length;
+    let byReference = false;
+    if (length < COPY_LIMIT) {
+      const buf = this.#reserve(size);
+      const at = this.#wlen;
+      const headerSize = writeHeader(buf, at, b0, length, key);
+      const body = buf.subarray(at + headerSize, at + size);
+      body.set(payload);
+      if (key !== undefined) maskInPlace(body, key, 0);
+      this.#wlen = at + size;
+    } else {
+      const buf = this.#reserve(MAX_HEADER_LENGTH);
+      this.#wlen += writeHeader(buf, this.#wlen, b0, length, key);
+      this.#cutSegment();
+      if (key !== undefined) {
+        const body = payload.slice();
+        maskInPlace(body, key, 0);
+        this.#segments.push(body);
+      } else {
+        this.#segments.push(payload);
+        byReference = true;
+      }
+    }
+    return this.#queue(size, wait || byReference);
+  }
+
+  /** Queues an already encoded frame (a prepared message). */
+  #appendRaw(frame: Uint8Array): Promise<void> {
+    if (frame.length < COPY_LIMIT) {
+      const buf = this.#reserve(frame.length);
+      buf.set(frame, this.#wlen);
+      this.#wlen += frame.length;
+    } else {
+      this.#cutSegment();
+      this.#segments.push(frame);
+    }
+    return this.#queue(frame.length, false);
+  }
+
+  #queue(size: number, wait: boolean): Promise<void> {
+    this.#queued += size;
+    const batch = this.#batch ??= newBatch();
+    if (this.#inFlight === undefined) this.#flush();
+    return wait || this.#queued > HIGH_WATER ? batch.promise : RESOLVED;
+  }
+
+  /** Returns a write buffer with `size` free bytes at `#wlen`. */
+  #reserve(size: number): Uint8Array {
+    let buf = this.#wbuf;
+    if (buf !== undefined && buf.length - this.#wlen >= size) return buf;
+    if (buf !== undefined) {
+      this.#cutSegment();
+      this.#batchBuffers.push(buf);
+    }
+    buf = this.#spare;
+    this.#spare = undefined;
+    if (buf === undefined || buf.length < size) {
+      const pooled = this.#pool?.get();
+      buf = pooled !== undefined && pooled.length >= size
+        ? pooled
+        : new Uint8Array(Math.max(size, this.#writeBufferSize));
+    }
+    this.#wbuf = buf;
+    this.#wstart = this.#wlen = 0;
+    return buf;
+  }
+
+  /** Ends the open piece of the coalescing buffer as a segment. */
+  #cutSegment(): void {
+    if (this.#wbuf !== undefined && this.#wlen > this.#wstart) {
+      this.#segments.push(this.#wbuf.subarray(this.#wstart, this.#wlen));
+      this.#wstart = this.#wlen;
+    }
+  }
+
+  /** Writes batches until none is queued. Never rejects. */
+  async #flush(): Promise<void> {
+    while (this.#batch !== undefined) {
+      const batch = this.#batch;
+      this.#batch = undefined;
+      this.#inFlight = batch;
+      this.#cutSegment();
+      const segments = this.#segments;
+      this.#segments = [];
+      const buffers = this.#batchBuffers;
+      this.#batchBuffers = [];
+      if (this.#wbuf !== undefined) buffers.push(this.#wbuf);
+      this.#wbuf = undefined;
+      this.#wstart = this.#wlen = 0;
+      let bytes = 0;
+      try {
+        for (const segment of segments) {
+          bytes += segment.length;
+          await this.#writeAll(segment);
+        }
+      } catch (error) {
+        this.#failWrite(error);
+        this.#inFlight = undefined;
+        batch.reject(this.#writeErr);
+        this.#rejectQueued(this.#writeErr);
+        this.#wakeRoom();
+        return;
+      }
+      this.#queued -= bytes;
+      for (const buffer of buffers) this.#recycle(buffer);
+      this.#inFlight = undefined;
+      batch.resolve();
+      this.#wakeRoom();
+    }
+  }
+
+  #recycle(buffer: Uint8Array): void {
+    if (this.#pool !== undefined) this.#pool.put(buffer);
+    else if (
+      this.#spare === undefined && buffer.length === this.#writeBufferSize
+    ) {
+      this.#spare = buffer;
+    }
+  }
+
+  #rejectQueued(error: unknown): void {
+    const batch = this.#batch;
+    this.#batch = undefined;
+    this.#segments = [];
+    this.#batchBuffers = [];
+    this.#wbuf = undefined;
+    this.#wstart = this.#wlen = 0;
+    batch?.reject(error);
+  }
+
+  async #writeAll(data: Uint8Array): Promise<void> {
+    let offset = 0;
+    while (offset < data.length) {
+      const write = this.#transport.write(data.subarray(offset));
+      offset += this.#writeDeadline === 0
+        ? await write
+        : await race(write, this.#writeDeadline, undefined, "write");
+    }
+  }
+
+  #failWrite(error: unknown): void {
+    if (this.#writeErr !== undefined) return;
+    if (error instanceof Deno.errors.TimedOut) {
+      this.#writeErr = error;
+    } else {
+      this.#writeErr = this.#closed
+        ? new ConnectionClosedError(
+          "Cannot write: the connection was closed",
+          { cause: error },
+        )
+        : new CloseError(
+          CLOSE_CODE.AbnormalClosure,
+          `transport write failed: ${(error as Error)?.message ?? error}`,
+          { cause: error },
+        );
+    }
+  }
+
+  /** Races a queued write against a deadline; a miss fails the write side. */
+  #withDeadline(written: Promise<void>, deadline: number): Promise<void> {
+    return race(written, deadline, undefined, "write").catch((error) => {
+      if (error instanceof Deno.errors.TimedOut) this.#failWrite(error);
+      throw error;
+    });
+  }
+
+  /** Closes the transport once every queued frame is written (or 1 s). */
+  #closeAfterFlush(): void {
+    const pending = this.#batch ?? this.#inFlight;
+    if (pending === undefined) {
+      this.close();
+      return;
+    }
+    const timer = setTimeout(() => this.close(), FAIL_CLOSE_TIMEOUT);
+    const finish = () => {
+      clearTimeout(timer);
+      this.close();
+    };
+    pending.promise.then(finish, finish);
+  }
+}
+
+function invalidUtf8(): ProtocolError {
+  return new ProtocolError(
+    "Invalid text message: the payload is not valid UTF-8",
+    CLOSE_CODE.InvalidFramePayloadData,
+  );
+}
+
+function deadlineOf(time: Date | null, action: string): number {
+  if (time === null) return 0;
+  if (!(time instanceof Date) || Number.isNaN(time.getTime())) {
+    throw new TypeError(`Cannot ${action}: expected a valid Date or null`);
+  }
+  return Math.max(time.getTime(), 1);
+}
+
+function isAbort(error: unknown, signal: AbortSignal | undefined): boolean {
+  return signal !== undefined && signal.aborted && error === signal.reason;
+}
+
+/**
+ * Settles like `promise` unless `deadline` (ms since the epoch; 0: none)
+ * passes or `signal` aborts first. The loser is still observed, so its
+ * later rejection is never unhandled.
+ */
+function race<T>(
+  promise: Promise<T>,
+  deadline: number,
+  signal: AbortSignal | undefined,
+  action: string,
+): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const cleanup = () => {
+      if (timer !== undefined) clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    };
+    const onAbort = () => {
+      cleanup();
+      reject(signal!.reason);
+    };
+    if (signal?.aborted) {
+      promise.catch(noop);
+      reject(signal.reason);
+      return;
+    }
+    if (deadline !== 0) {
+      timer = setTimeout(() => {
+        cleanup();
+        reject(
+          new Deno.errors.TimedOut(
+            `Cannot ${action}: the ${action} deadline passed`,
+          ),
+        );
+      }, Math.max(0, deadline - Date.now()));
+    }
+    signal?.addEventListener("abort", onAbort, { once: true });
+    promise.then((value) => {
+      cleanup();
+      resolve(value);
+    }, (error) => {
+      cleanup();
+      reject(error);
+    });
+  });
+}
+
+/** The streaming writer behind {@linkcode Conn.nextWriter}. */
+class FragmentWriter implements MessageWriter {
+  #sink: WriterSink;
+  #type: DataMessageType;
+  #lock: Lock;
+  #buffer: Uint8Array | undefined;
+  #length = 0;
+  #started = false;
+  #closed = false;
+  #chain: Promise<void>;
+
+  constructor(sink: WriterSink, type: DataMessageType, lock: Lock) {
+    this.#sink = sink;
+    this.#type = type;
+    this.#lock = lock;
+    this.#chain = lock.ready;
+  }
+
+  write(data: Uint8Array | string): Promise<void> {
+    if (this.#closed) {
+      return Promise.reject(
+        new TypeError("Cannot write to message writer: it is closed"),
+      );
+    }
+    let bytes: Uint8Array;
+    try {
+      bytes = toBytes(data, "write to message writer");
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return this.#then(() => this.#write(bytes));
+  }
+
+  close(): Promise<void> {
+    if (this.#closed) return RESOLVED;
+    this.#closed = true;
+    const done = this.#then(() =>
+      this.#emit(
+        this.#buffer?.subarray(0, this.#length) ?? new Uint8Array(0),
+        true,
+      )
+    );
+    done.then(this.#lock.release, this.#lock.release);
+    return done;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  /** Runs `step` after the previous steps, keeping calls in order. */
+  #then(step: () => Promise<void>): Promise<void> {
+    const next = this.#chain.then(step);
+    this.#chain = next.catch(noop);
+    return next;
+  }
+
+  async #write(bytes: Uint8Array): Promise<void> {
+    const size = this.#sink.fragmentSize;
+    let offset = 0;
+    while (offset < bytes.length) {
+      if (this.#length === 0 && bytes.length - offset >= size) {
+        // A whole fragment straight from the caller's bytes.
+        await this.#emit(bytes.subarray(offset, offset + size), false, true);
+        offset += size;
+        continue;
+      }
+      this.#buffer ??= new Uint8Array(size);
+      const n = Math.min(size - this.#length, bytes.length - offset);
+      this.#buffer.set(bytes.subarray(offset, offset + n), this.#length);
+      this.#length += n;
+      offset += n;
+      if (this.#length === size) {
+        await this.#emit(this.#buffer, false, true);
+      }
+    }
+  }
+
+  /** Sends one fragment; waits until it is written when it borrows bytes. */
+  async #emit(
+    payload: Uint8Array,
+    fin: boolean,
+    borrowed = false,
+  ): Promise<void> {
+    const blocked = this.#sink.blocked("write message fragment");
+    if (blocked !== undefined) throw blocked;
+    await this.#sink.room();
+    const opcode = this.#started ? OPCODE.Continuation : this.#type;
+    this.#started = true;
+    const written = this.#sink.append((fin ? 0x80 : 0) | opcode, payload);
+    this.#length = 0;
+    if (borrowed || fin) await written;
+  }
+}
