@@ -1,0 +1,461 @@
+// The permessage-deflate engine (RFC 7692 section 7.2): compresses one message
+// with a fresh CompressionStream and inflates received messages through a
+// DecompressionStream, bounding the inflated size. Negotiation lives in
+// deflate.ts; Conn only calls what this file exports.
+//
+// Deno behaviours this relies on (pinned in tests/deflate_test.ts):
+// - CompressionStream("deflate-raw") sync-flushes after every write(), so the
+//   one chunk a write yields ends in 00 00 ff ff.
+// - A write whose compressed output exceeds ~32 KiB can lose that marker, so
+//   input goes in slices of at most 16 KiB.
+// - Both streams enqueue at most one chunk per write(), synchronously inside
+//   the transform, so an armed read() holds it once the write resolves.
+// - DecompressionStream rejects a write with "failed to write whole buffer"
+//   when bytes follow a final (BFINAL) block, dropping that write's output,
+//   and with "corrupt deflate stream" on invalid data.
+
+import type { DeflateParameters } from "./deflate.ts";
+
+/**
+ * Messages shorter than this many bytes are sent uncompressed by default.
+ *
+ * A fresh CompressionStream costs ~13-20 us per message whatever its size
+ * (bench/deflate_bench.ts), while a small frame costs ~2 us to write; below a
+ * few hundred bytes the bytes saved do not pay for that.
+ */
+export const DEFAULT_COMPRESSION_THRESHOLD = 256;
+
+/** The 4 octets RFC 7692 section 7.2.1 strips and section 7.2.2 appends. */
+const SYNC_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
+
+/**
+ * What the inflater appends to each message: the section 7.2.2 tail, then a
+ * non-final fixed-Huffman block holding the 4 bytes {@linkcode SENTINEL_TEXT}
+ * and an empty stored block that realigns to a byte boundary (that is,
+ * deflate-raw of those bytes with a sync flush). A well-formed message leaves
+ * the inflater between blocks, so the output ends in exactly those 4 bytes
+ * and the inflater is ready for the next message. A truncated message
+ * consumes the bytes as something else (a stored block copies them verbatim,
+ * which ends in different bytes), so the check catches it. The decoded bytes
+ * also guarantee every message's last write yields a chunk.
+ */
+const SENTINEL = new Uint8Array([
+  0x00,
+  0x00,
+  0xff,
+  0xff, // RFC 7692 section 7.2.2 tail
+  0x0a,
+  0x0f,
+  0x7e,
+  0xc9,
+  0x0b,
+  0x00,
+  0x00,
+  0x00,
+  0xff,
+  0xff,
+]);
+/** The bytes {@linkcode SENTINEL} inflates to after a well-formed message. */
+const SENTINEL_TEXT = new Uint8Array([0x57, 0x53, 0xe9, 0x0d]);
+
+/** Largest input slice per write(): keeps CompressionStream's marker intact. */
+const MAX_SLICE = 16 * 1024;
+/** DEFLATE expands at most ~1032:1 (a 258-byte match in 2 bits). */
+const MAX_EXPANSION = 1032;
+/** Smallest inflate slice, so a nearly spent limit still makes progress. */
+const MIN_INFLATE_SLICE = 64;
+
+/**
+ * Reports whether an endpoint in `role` may compress what it sends. Deno's
+ * CompressionStream always uses a 32 KiB window, so when the peer limited our
+ * window (`*_max_window_bits` below 15) we send every message uncompressed,
+ * which RFC 7692 section 6 allows, and still inflate what we receive.
+ */
+export function canCompress(
+  parameters: DeflateParameters,
+  role: "server" | "client",
+): boolean {
+  const bits = role === "server"
+    ? parameters.serverMaxWindowBits
+    : parameters.clientMaxWindowBits;
+  return bits === 15;
+}
+
+/** Which close code an {@linkcode InflateError} asks Conn to send. */
+export type InflateErrorCode = 1007 | 1009;
+
+/**
+ * A received compressed message could not be inflated: `code` is 1007 when
+ * the data is not a valid DEFLATE stream (RFC 6455 section 7.4.1, "data
+ * inconsistent with the type of the message") and 1009 when the inflated size
+ * passed the read limit.
+ */
+export class InflateError extends Error {
+  /** The close code Conn should send. */
+  readonly code: InflateErrorCode;
+
+  constructor(code: InflateErrorCode, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "InflateError";
+    this.code = code;
+  }
+}
+
+/**
+ * Drives one web TransformStream write by write: before each write a read is
+ * armed, so the transform runs without backpressure and the (at most one)
+ * chunk it enqueues lands in `#chunk` before the write resolves. No
+ * pipeThrough, no per-chunk promise chain: one write, one read.
+ */
+class StreamDriver {
+  #writer: WritableStreamDefaultWriter<BufferSource>;
+  #reader: ReadableStreamDefaultReader<Uint8Array>;
+  #armed = false;
+  #chunk: Uint8Array | undefined = undefined;
+
+  constructor(stream: CompressionStream | DecompressionStream) {
+    this.#writer = stream.writable.getWriter();
+    this.#reader = stream.readable.getReader();
+  }
+
+  /**
+   * Writes `bytes`; resolves with the chunk the stream produced for them
+   * (undefined when none) and rejects with the stream's error.
+   */
+  async push(bytes: Uint8Array): Promise<Uint8Array | undefined> {
+    if (!this.#armed) {
+      this.#armed = true;
+      // The rejection (a stream error) also rejects the write awaited below,
+      // which is where it is reported; here it only has to be observed.
+      this.#reader.read().then(this.#onRead, this.#onReadError);
+    }
+    // A SharedArrayBuffer view is refused by the stream (a rejected write).
+    await this.#writer.write(bytes as Uint8Array<ArrayBuffer>);
+    const chunk = this.#chunk;
+    this.#chunk = undefined;
+    return chunk;
+  }
+
+  #onRead = (result: ReadableStreamReadResult<Uint8Array>): void => {
+    this.#armed = false;
+    this.#chunk = result.value;
+  };
+
+  #onReadError = (): void => {
+    this.#armed = false;
+  };
+
+  /** Frees the stream (and its native resource) without waiting. */
+  cancel(): void {
+    this.#reader.cancel().catch(() => {});
+  }
+}
+
+function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
+  if (data.length < suffix.length) return false;
+  const offset = data.length - suffix.length;
+  for (let i = 0; i < suffix.length; i++) {
+    if (data[offset + i] !== suffix[i]) return false;
+  }
+  return true;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  if (parts.length === 1) return parts[0];
+  let length = 0;
+  for (const part of parts) length += part.length;
+  const result = new Uint8Array(length);
+  let offset = 0;
+  for (const part of parts) {
+    result.set(part, offset);
+    offset += part.length;
+  }
+  return result;
+}
+
+/**
+ * Compresses one message, possibly in pieces (a streaming writer), with a
+ * fresh CompressionStream: no context takeover (RFC 7692 section 7.1.1).
+ *
+ * Each `write()` returns the bytes to send for that piece. The first write
+ * always returns at least one byte (an empty message compresses to `00`,
+ * RFC 7692 section 7.2.3.6), so a writer closed without data should still
+ * write an empty piece once. Call `close()` when the message is done.
+ */
+export class MessageDeflater {
+  #driver = new StreamDriver(new CompressionStream("deflate-raw"));
+  // The previous piece's 00 00 ff ff, held back in case it was the last one.
+  #holdingTail = false;
+  #broken = false;
+
+  /**
+   * Compresses `data` as the next piece of the message.
+   *
+   * @returns the bytes to send, or undefined when the stream did not end in
+   * the expected `00 00 ff ff` (the message must then not go out compressed;
+   * pieces already sent cannot be recalled, so Conn fails the message)
+   */
+  async write(data: Uint8Array): Promise<Uint8Array | undefined> {
+    if (this.#broken) return undefined;
+    if (data.length === 0 && this.#holdingTail) return new Uint8Array(0);
+    const parts: Uint8Array[] = this.#holdingTail ? [SYNC_TAIL] : [];
+    let offset = 0;
+    do {
+      const end = Math.min(offset + MAX_SLICE, data.length);
+      let chunk: Uint8Array | undefined;
+      try {
+        chunk = await this.#driver.push(data.subarray(offset, end));
+      } catch {
+        chunk = undefined; // the stream was closed under us
+      }
+      // Every write is sync-flushed, so every chunk ends in the marker.
+      if (chunk === undefined || !endsWith(chunk, SYNC_TAIL)) {
+        this.#broken = true;
+        return undefined;
+      }
+      parts.push(chunk);
+      offset = end;
+    } while (offset < data.length);
+    const last = parts[parts.length - 1];
+    parts[parts.length - 1] = last.subarray(0, last.length - SYNC_TAIL.length);
+    this.#holdingTail = true;
+    return concat(parts);
+  }
+
+  /** Frees the stream; the held-back `00 00 ff ff` is dropped (section 7.2.1). */
+  close(): void {
+    this.#driver.cancel();
+  }
+}
+
+/**
+ * Compresses a whole message for a frame with RSV1 set (RFC 7692 section
+ * 7.2.1).
+ *
+ * @returns the payload, or undefined when the compressor's output did not end
+ * as expected: send the message uncompressed then
+ */
+export async function compressMessage(
+  data: Uint8Array,
+): Promise<Uint8Array | undefined> {
+  const deflater = new MessageDeflater();
+  try {
+    return await deflater.write(data);
+  } finally {
+    deflater.close();
+  }
+}
+
+/** Options of {@linkcode MessageInflater.inflate}. */
+export interface InflateOptions {
+  /** Whether `data` ends the message (the frame had FIN set). */
+  final: boolean;
+  /**
+   * Most inflated bytes the whole message may have (the read limit);
+   * `Infinity` for none.
+   */
+  limit: number;
+}
+
+function isStreamEnd(error: unknown): boolean {
+  return error instanceof Error &&
+    error.message.includes("failed to write whole buffer");
+}
+
+/**
+ * Inflates the compressed messages of one connection, one at a time, piece by
+ * piece (RFC 7692 section 7.2.2).
+ *
+ * A DecompressionStream is kept between messages: peers negotiated to no
+ * context takeover never refer back across a message, and the sentinel block
+ * checked at each message's end proves the stream sits between blocks, so
+ * reusing it saves the ~10 us a fresh stream costs. A message that ends in a
+ * final block ends that stream; the next message gets a new one.
+ *
+ * Input goes in slices of at most `remaining limit / 1032` bytes, so no single
+ * write can inflate much past the limit: a 256 MiB bomb is refused after
+ * about `limit` bytes. Call `close()` when the connection ends.
+ */
+export class MessageInflater {
+  #driver: StreamDriver | undefined;
+  #produced = 0; // inflated bytes of the current message
+  #started = false; // a piece of the current message was written
+  #held = -1; // the last byte given so far, not yet written (-1: none)
+  #ended = false; // the current message's final block has been seen
+
+  /**
+   * Inflates the next piece of the current message.
+   *
+   * @returns the inflated chunks (possibly none), which the caller owns
+   * @throws {InflateError} code 1007 on corrupt data, 1009 past the limit;
+   * the inflater is closed then
+   */
+  async inflate(
+    data: Uint8Array,
+    options: InflateOptions,
+  ): Promise<Uint8Array[]> {
+    const out: Uint8Array[] = [];
+    try {
+      const { final, limit } = options;
+      if (
+        final && !this.#started &&
+        data.length <= this.#sliceSize(limit) - SENTINEL.length
+      ) {
+        // The common case: a whole message in one write with its tail.
+        const input = new Uint8Array(data.length + SENTINEL.length);
+        input.set(data);
+        input.set(SENTINEL, data.length);
+        let chunk: Uint8Array | undefined;
+        try {
+          chunk = await this.#push(input);
+        } catch (error) {
+          if (!isStreamEnd(error)) throw error;
+          // A final block lost this write's output: replay the message on a
+          // fresh stream write by write (no context takeover makes it safe).
+          this.#discard();
+        }
+        if (this.#driver !== undefined) {
+          this.#finish(chunk, limit, out);
+          return out;
+        }
+      }
+      await this.#inflatePieces(data, options, out);
+      return out;
+    } catch (error) {
+      this.close();
+      if (error instanceof InflateError) throw error;
+      throw new InflateError(
+        1007,
+        "Cannot inflate message: the data is not a valid DEFLATE stream",
+        { cause: error },
+      );
+    }
+  }
+
+  /**
+   * Frees the DecompressionStream and forgets the current message. A later
+   * `inflate()` starts a new stream (and must begin a new message).
+   */
+  close(): void {
+    this.#discard();
+    this.#endMessage();
+  }
+
+  #discard(): void {
+    this.#driver?.cancel();
+    this.#driver = undefined;
+  }
+
+  #endMessage(): void {
+    if (this.#ended) this.#discard(); // that stream is over
+    this.#produced = 0;
+    this.#started = false;
+    this.#held = -1;
+    this.#ended = false;
+  }
+
+  #push(bytes: Uint8Array): Promise<Uint8Array | undefined> {
+    this.#driver ??= new StreamDriver(new DecompressionStream("deflate-raw"));
+    return this.#driver.push(bytes);
+  }
+
+  /**
+   * Writes bytes that may follow a final block. DecompressionStream then
+   * rejects the write, but as the stream ended before these bytes (a write
+   * that straddles the end is never made) no output is lost: the message is
+   * complete and whatever follows is ignored, as zlib does.
+   */
+  async #pushTrailer(
+    bytes: Uint8Array,
+  ): Promise<Uint8Array | undefined> {
+    try {
+      return await this.#push(bytes);
+    } catch (error) {
+      if (!isStreamEnd(error)) throw error;
+      this.#ended = true;
+      return undefined;
+    }
+  }
+
+  #sliceSize(limit: number): number {
+    const remaining = limit - this.#produced;
+    const size = Math.floor(remaining / MAX_EXPANSION);
+    return Math.max(MIN_INFLATE_SLICE, Math.min(MAX_SLICE, size));
+  }
+
+  #collect(chunk: Uint8Array | undefined, limit: number, out: Uint8Array[]) {
+    if (chunk === undefined || chunk.length === 0) return;
+    this.#produced += chunk.length;
+    if (this.#produced > limit) {
+      throw new InflateError(
+        1009,
+        `Cannot inflate message: it exceeds the read limit of ${limit} bytes`,
+      );
+    }
+    out.push(chunk);
+  }
+
+  /** Checks and strips the sentinel of a message's last write. */
+  #finish(chunk: Uint8Array | undefined, limit: number, out: Uint8Array[]) {
+    if (chunk === undefined || !endsWith(chunk, SENTINEL_TEXT)) {
+      throw new InflateError(
+        1007,
+        "Cannot inflate message: the DEFLATE data ends inside a block",
+      );
+    }
+    this.#collect(
+      chunk.subarray(0, chunk.length - SENTINEL_TEXT.length),
+      limit,
+      out,
+    );
+    this.#endMessage();
+  }
+
+  /**
+   * The general path. The last byte seen is always held back and written on
+   * its own, and so is the sentinel: a peer that ends the message with a final
+   * block (RFC 7692 section 7.2.3.4), possibly followed by the one-byte empty
+   * block section 7.2.1 adds, then makes one of those lone writes fail, never
+   * a slice carrying output.
+   */
+  async #inflatePieces(
+    data: Uint8Array,
+    { final, limit }: InflateOptions,
+    out: Uint8Array[],
+  ): Promise<void> {
+    this.#started = true;
+    if (!this.#ended && data.length > 0) {
+      if (this.#held >= 0) {
+        const held = new Uint8Array([this.#held]);
+        this.#collect(await this.#pushTrailer(held), limit, out);
+      }
+      const bodyEnd = data.length - 1;
+      let offset = 0;
+      while (!this.#ended && offset < bodyEnd) {
+        const end = Math.min(offset + this.#sliceSize(limit), bodyEnd);
+        let chunk: Uint8Array | undefined;
+        try {
+          chunk = await this.#push(data.subarray(offset, end));
+        } catch (error) {
+          if (!isStreamEnd(error)) throw error;
+          throw new InflateError(
+            1007,
+            "Cannot inflate message: data follows the final DEFLATE block",
+            { cause: error },
+          );
+        }
+        this.#collect(chunk, limit, out);
+        offset = end;
+      }
+      this.#held = data[bodyEnd];
+    }
+    if (!final) return;
+    if (!this.#ended && this.#held >= 0) {
+      const held = new Uint8Array([this.#held]);
+      this.#collect(await this.#pushTrailer(held), limit, out);
+    }
+    const chunk = this.#ended ? undefined : await this.#pushTrailer(SENTINEL);
+    if (this.#ended) return this.#endMessage();
+    this.#finish(chunk, limit, out);
+  }
+}

@@ -1,0 +1,397 @@
+/**
+ * permessage-deflate (RFC 7692): negotiating the extension in the opening
+ * handshake. `Upgrader` and `Dialer` do this for you when `enableCompression`
+ * is set; the functions here are for code that runs its own handshake and
+ * builds a `Conn` with the negotiated {@linkcode DeflateParameters}.
+ *
+ * Messages are compressed with the web-standard `CompressionStream` and
+ * inflated with `DecompressionStream`, with no context takeover: every
+ * message is compressed on its own, so neither side keeps a 32 KiB window per
+ * connection between messages. The inflated size of a received message is
+ * bounded by the connection's read limit while it is inflated, so a
+ * decompression bomb is refused (close 1009) without being expanded.
+ *
+ * There is no compression level setting: `CompressionStream` offers none (it
+ * always uses zlib's default level), and a `setCompressionLevel` that did
+ * nothing would mislead. For the same reason a peer that asks us to compress
+ * with a window smaller than 32 KiB (`server_max_window_bits` or
+ * `client_max_window_bits` below 15) is accepted, but we send it every message
+ * uncompressed, which RFC 7692 section 6 allows, while still inflating what it
+ * sends.
+ *
+ * @example Negotiating on both sides
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { acceptDeflateResponse, DEFLATE_OFFER, negotiateDeflate } from "./deflate.ts";
+ *
+ * // The client sends DEFLATE_OFFER in Sec-WebSocket-Extensions...
+ * const negotiated = negotiateDeflate(DEFLATE_OFFER);
+ * assert.ok(negotiated);
+ * // ...the server answers with negotiated.header...
+ * const parameters = acceptDeflateResponse(negotiated.header);
+ * // ...and both sides build their Conn with the same parameters.
+ * assert.deepEqual(parameters, negotiated.parameters);
+ * ```
+ *
+ * @module
+ */
+
+/** The registered name of the extension (RFC 7692 section 5). */
+const EXTENSION_NAME = "permessage-deflate";
+
+/**
+ * What the client offers in `Sec-WebSocket-Extensions` (RFC 7692 section 5):
+ * permessage-deflate with no context takeover in either direction.
+ *
+ * @example Offering compression in a handshake request
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { DEFLATE_OFFER } from "./deflate.ts";
+ *
+ * const headers = new Headers({ "Sec-WebSocket-Extensions": DEFLATE_OFFER });
+ * assert.match(headers.get("sec-websocket-extensions")!, /^permessage-deflate;/);
+ * ```
+ */
+export const DEFLATE_OFFER =
+  "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/**
+ * The permessage-deflate parameters both ends agreed on in the handshake
+ * (RFC 7692 section 7.1): what `Conn` needs to compress and inflate.
+ */
+export interface DeflateParameters {
+  /** The server compresses each message on its own (section 7.1.1.1). */
+  readonly serverNoContextTakeover: boolean;
+  /** The client compresses each message on its own (section 7.1.1.2). */
+  readonly clientNoContextTakeover: boolean;
+  /**
+   * Base-2 logarithm of the largest LZ77 window the server compresses with,
+   * 8 to 15 (section 7.1.2.1). Below 15 the server sends uncompressed.
+   */
+  readonly serverMaxWindowBits: number;
+  /**
+   * Base-2 logarithm of the largest LZ77 window the client compresses with,
+   * 8 to 15 (section 7.1.2.2). Below 15 the client sends uncompressed.
+   */
+  readonly clientMaxWindowBits: number;
+}
+
+/** The server's outcome of {@linkcode negotiateDeflate}. */
+export interface DeflateNegotiation {
+  /** What the connection uses: pass it to `Conn` as `compression`. */
+  parameters: DeflateParameters;
+  /** The `Sec-WebSocket-Extensions` value to send in the 101 response. */
+  header: string;
+}
+
+/**
+ * The server's `Sec-WebSocket-Extensions` answer could not be accepted by the
+ * client: the handshake must fail (RFC 6455 section 4.1, RFC 7692 section
+ * 5).
+ */
+export class ExtensionNegotiationError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What was wrong with the answer.
+   * @param options The underlying cause, if any.
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ExtensionNegotiationError";
+  }
+}
+
+/**
+ * Picks the first permessage-deflate offer in a client's
+ * `Sec-WebSocket-Extensions` header that this library can honour (RFC 7692
+ * section 5). Offers with an unknown or repeated parameter, a missing or
+ * invalid value, or a malformed syntax are declined and the next one is tried;
+ * other extensions are ignored.
+ *
+ * The answer always asks for no context takeover in both directions. An
+ * offer's `server_max_window_bits` is echoed as section 7.1.2.1 requires; when
+ * it is below 15 the server sends uncompressed (see the module docs).
+ *
+ * @param offers The request's `Sec-WebSocket-Extensions` value (several header
+ * lines joined with commas, as `Headers.get` does), or null when absent.
+ * @returns The parameters and the response header, or undefined when no offer
+ * can be accepted (the 101 then carries no `Sec-WebSocket-Extensions`).
+ *
+ * @example Accepting a browser's offer
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { negotiateDeflate } from "./deflate.ts";
+ *
+ * const result = negotiateDeflate(
+ *   "permessage-deflate; client_max_window_bits, x-webkit-deflate-frame",
+ * );
+ * assert.equal(
+ *   result?.header,
+ *   "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+ * );
+ * assert.equal(result?.parameters.serverMaxWindowBits, 15);
+ * assert.equal(negotiateDeflate("permessage-deflate; x=1"), undefined);
+ * ```
+ */
+export function negotiateDeflate(
+  offers: string | null,
+): DeflateNegotiation | undefined {
+  if (offers === null) return undefined;
+  for (const extension of parseExtensions(offers)) {
+    if (extension === undefined || extension.name !== EXTENSION_NAME) continue;
+    const offer = readParameters(extension.params);
+    if (typeof offer === "string") continue; // declined: try the next offer
+    const serverMaxWindowBits = offer.serverMaxWindowBits ?? 15;
+    let header = DEFLATE_OFFER;
+    if (offer.serverMaxWindowBits !== undefined) {
+      header += `; server_max_window_bits=${serverMaxWindowBits}`;
+    }
+    // client_max_window_bits is left out of the answer: we inflate any window,
+    // so the client keeps whatever it announced (section 7.1.2.2).
+    return {
+      parameters: {
+        serverNoContextTakeover: true,
+        clientNoContextTakeover: true,
+        serverMaxWindowBits,
+        clientMaxWindowBits: 15,
+      },
+      header,
+    };
+  }
+  return undefined;
+}
+
+/**
+ * Checks the server's `Sec-WebSocket-Extensions` answer against
+ * {@linkcode DEFLATE_OFFER}: it may hold permessage-deflate once, with
+ * `server_no_context_takeover` (which we asked for and rely on), optionally
+ * `client_no_context_takeover` and `server_max_window_bits`, and nothing else.
+ *
+ * @param response The response's `Sec-WebSocket-Extensions` value, or null.
+ * @param options `offered: false` when the request carried no offer: any
+ * extension in the answer is then refused. Defaults to true.
+ * @returns The negotiated parameters, or undefined when the server declined
+ * compression (no extension in the answer).
+ * @throws {ExtensionNegotiationError} When the answer is malformed, names an
+ * extension or parameter that was not offered, or leaves out
+ * `server_no_context_takeover`.
+ *
+ * @example Validating an answer
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { acceptDeflateResponse, ExtensionNegotiationError } from "./deflate.ts";
+ *
+ * const parameters = acceptDeflateResponse(
+ *   "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+ * );
+ * assert.equal(parameters?.clientMaxWindowBits, 15);
+ * assert.equal(acceptDeflateResponse(null), undefined);
+ * assert.throws(
+ *   () => acceptDeflateResponse("permessage-deflate; client_max_window_bits=10"),
+ *   ExtensionNegotiationError,
+ * );
+ * ```
+ */
+export function acceptDeflateResponse(
+  response: string | null,
+  options?: { offered?: boolean },
+): DeflateParameters | undefined {
+  if (response === null) return undefined;
+  const offered = options?.offered ?? true;
+  const fail = (reason: string) =>
+    new ExtensionNegotiationError(
+      `Cannot accept the server's Sec-WebSocket-Extensions "${response}": ${reason}`,
+    );
+  let result: DeflateParameters | undefined;
+  for (const extension of parseExtensions(response)) {
+    if (extension === undefined) throw fail("the header is malformed");
+    if (!offered || extension.name !== EXTENSION_NAME) {
+      throw fail(`extension "${extension.name}" was not offered`);
+    }
+    if (result !== undefined) {
+      throw fail(`extension "${EXTENSION_NAME}" appears more than once`);
+    }
+    const answer = readParameters(extension.params);
+    if (typeof answer === "string") throw fail(answer);
+    if (answer.clientMaxWindowBits !== undefined) {
+      throw fail('parameter "client_max_window_bits" was not offered');
+    }
+    if (!answer.serverNoContextTakeover) {
+      throw fail('parameter "server_no_context_takeover" is missing');
+    }
+    result = {
+      serverNoContextTakeover: true,
+      clientNoContextTakeover: answer.clientNoContextTakeover,
+      serverMaxWindowBits: answer.serverMaxWindowBits ?? 15,
+      clientMaxWindowBits: 15,
+    };
+  }
+  return result;
+}
+
+/** One element of an extension list: its name and parameters, in order. */
+interface Extension {
+  name: string; // lower-cased
+  params: [name: string, value: string | undefined][]; // names lower-cased
+}
+
+/** The permessage-deflate parameters of one offer or answer, as sent. */
+interface RawParameters {
+  serverNoContextTakeover: boolean;
+  clientNoContextTakeover: boolean;
+  serverMaxWindowBits?: number;
+  /** null: present without a value (allowed in offers, section 7.1.2.2). */
+  clientMaxWindowBits?: number | null;
+}
+
+/**
+ * Validates permessage-deflate parameters (RFC 7692 section 7.1). Returns the
+ * reason as a string when they cannot be honoured: an unknown or repeated
+ * name, a value where none belongs, or a window size outside 8 to 15.
+ */
+function readParameters(
+  params: Extension["params"],
+): RawParameters | string {
+  const result: RawParameters = {
+    serverNoContextTakeover: false,
+    clientNoContextTakeover: false,
+  };
+  const seen = new Set<string>();
+  for (const [name, value] of params) {
+    if (seen.has(name)) return `parameter "${name}" appears more than once`;
+    seen.add(name);
+    switch (name) {
+      case "server_no_context_takeover":
+      case "client_no_context_takeover":
+        if (value !== undefined) return `parameter "${name}" takes no value`;
+        if (name === "server_no_context_takeover") {
+          result.serverNoContextTakeover = true;
+        } else {
+          result.clientNoContextTakeover = true;
+        }
+        break;
+      case "server_max_window_bits": {
+        const bits = value === undefined ? undefined : parseWindowBits(value);
+        if (bits === undefined) {
+          return `parameter "${name}" needs a value from 8 to 15`;
+        }
+        result.serverMaxWindowBits = bits;
+        break;
+      }
+      case "client_max_window_bits": {
+        // In an offer the value is optional: the client only announces that
+        // it could honour a limit (section 7.1.2.2).
+        const bits = value === undefined ? null : parseWindowBits(value);
+        if (bits === undefined) {
+          return `parameter "${name}" has a value outside 8 to 15`;
+        }
+        result.clientMaxWindowBits = bits;
+        break;
+      }
+      default:
+        return `parameter "${name}" is unknown`;
+    }
+  }
+  return result;
+}
+
+/** A window size is 1*DIGIT in 8 to 15 (RFC 7692 section 7.1.2.1). */
+function parseWindowBits(value: string): number | undefined {
+  if (!/^[0-9]{1,3}$/.test(value)) return undefined;
+  const bits = Number(value);
+  return bits >= 8 && bits <= 15 ? bits : undefined;
+}
+
+/** RFC 9110 section 5.6.2 tchar. */
+const TOKEN_CHAR = /[!#$%&'*+\-.^_`|~0-9A-Za-z]/;
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+/**
+ * Parses an extension list (RFC 6455 section 9.1):
+ *
+ *     extension-list = 1#extension
+ *     extension = extension-token *( ";" extension-param )
+ *     extension-param = token [ "=" (token | quoted-string) ]
+ *
+ * with optional whitespace around the separators and empty list elements
+ * allowed (RFC 9110 section 5.6.1). A malformed element yields undefined in
+ * its place and parsing resumes after the next comma outside a quoted string,
+ * so one bad offer does not hide the others.
+ */
+function parseExtensions(header: string): (Extension | undefined)[] {
+  const result: (Extension | undefined)[] = [];
+  let pos = 0;
+
+  const skipSpace = () => {
+    while (header[pos] === " " || header[pos] === "\t") pos++;
+  };
+  const readToken = (): string | undefined => {
+    const start = pos;
+    while (pos < header.length && TOKEN_CHAR.test(header[pos])) pos++;
+    return pos > start ? header.slice(start, pos) : undefined;
+  };
+  // A quoted string's value after unescaping must itself be a token.
+  const readQuoted = (): string | undefined => {
+    let value = "";
+    pos++; // opening quote
+    while (pos < header.length) {
+      const char = header[pos++];
+      if (char === '"') return TOKEN.test(value) ? value : undefined;
+      if (char === "\\") {
+        if (pos >= header.length) return undefined;
+        value += header[pos++];
+      } else {
+        value += char;
+      }
+    }
+    return undefined; // unterminated
+  };
+  const readElement = (): Extension | undefined => {
+    const name = readToken();
+    if (name === undefined) return undefined;
+    const extension: Extension = { name: name.toLowerCase(), params: [] };
+    skipSpace();
+    while (header[pos] === ";") {
+      pos++;
+      skipSpace();
+      const param = readToken();
+      if (param === undefined) return undefined;
+      skipSpace();
+      let value: string | undefined;
+      if (header[pos] === "=") {
+        pos++;
+        skipSpace();
+        value = header[pos] === '"' ? readQuoted() : readToken();
+        if (value === undefined) return undefined;
+        skipSpace();
+      }
+      extension.params.push([param.toLowerCase(), value]);
+    }
+    return pos === header.length || header[pos] === "," ? extension : undefined;
+  };
+  // Moves past the next comma that is not inside a quoted string.
+  const skipElement = () => {
+    let quoted = false;
+    for (; pos < header.length; pos++) {
+      const char = header[pos];
+      if (quoted && char === "\\") pos++;
+      else if (char === '"') quoted = !quoted;
+      else if (char === "," && !quoted) return;
+    }
+  };
+
+  while (pos < header.length) {
+    skipSpace();
+    if (pos >= header.length) break;
+    if (header[pos] === ",") {
+      pos++;
+      continue;
+    }
+    const extension = readElement();
+    if (extension === undefined) skipElement();
+    result.push(extension);
+    if (header[pos] === ",") pos++;
+  }
+  return result;
+}
