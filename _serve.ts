@@ -697,7 +697,15 @@ class HttpConnection {
       head.headers.get("expect")?.toLowerCase() === "100-continue";
     return new ReadableStream<Uint8Array>({
       pull: async (controller) => {
-        if (state.detached) return controller.close();
+        if (state.detached) {
+          // The connection has moved on to the next request: what is left
+          // of this body was discarded, so reading on would lose data.
+          return controller.error(
+            new TypeError(
+              "Cannot read the request body: the response has already been sent",
+            ),
+          );
+        }
         const next = this.#readBody(framing);
         state.pending = next.catch(() => {});
         try {
@@ -900,8 +908,8 @@ class HttpConnection {
       let keepAlive = wantsKeepAlive(head) && !this.#server.closing &&
         !bodyUnsent && state.error === undefined;
       keepAlive = await this.#writeResponse(head, response, keepAlive);
-      if (!keepAlive) return false;
       state.detached = true;
+      if (!keepAlive) return false;
       await state.pending;
       return await this.#discardBody(framing);
     } finally {

@@ -445,6 +445,29 @@ Deno.test("serve() builds the URL from an absolute-form target or the Host", asy
   client.close();
 });
 
+Deno.test("serve() fails a body read that comes after the response was sent", async () => {
+  const late = Promise.withResolvers<unknown>();
+  await using server = start((request) => {
+    setTimeout(() => {
+      request.text().then(late.resolve, late.resolve);
+    }, 30);
+    return new Response("early");
+  });
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(
+    "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nabc" +
+      GET("/next"),
+  );
+  assert.equal((await client.response()).body, "early");
+  assert.equal((await client.response()).body, "early");
+  const error = await late.promise;
+  assert.ok(error instanceof TypeError);
+  assert.match(error.message, /response has already been sent/);
+  // The second request's handler also scheduled a late read.
+  await delay(40);
+  client.close();
+});
+
 Deno.test("serve() honours Connection: close from the client and from the response", async () => {
   await using server = start((request) =>
     new URL(request.url).pathname === "/bye"
@@ -739,6 +762,68 @@ Deno.test("serve() survives clients that vanish mid-head, mid-body and mid-respo
   assert.match(String(bodyErrors[0]), /closed before its end/);
   const response = await fetch(server.url);
   assert.equal(await response.text(), "alive");
+});
+
+Deno.test("serve() answers or closes cleanly when the client's stream ends at any byte", async () => {
+  await using server = start(async (request) =>
+    new Response(`got ${await request.text()}`)
+  );
+  const request = "POST /upload HTTP/1.1\r\nHost: test\r\n" +
+    "Transfer-Encoding: chunked\r\n\r\n" +
+    "3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n";
+  for (let cut = 0; cut <= request.length; cut++) {
+    const client = await RawClient.connect(server.addr.port);
+    await client.send(request.slice(0, cut));
+    await client.conn.closeWrite();
+    let status: number | undefined;
+    try {
+      const response = await client.response();
+      status = response.status;
+      if (status === 200) assert.equal(response.body, "got abcde");
+    } catch {
+      // No response at all: only right for an empty stream.
+    }
+    client.close();
+    const expected = cut === 0 ? undefined : cut === request.length ? 200 : 400;
+    assert.equal(status, expected, `stream cut after ${cut} bytes`);
+  }
+});
+
+Deno.test("serve() stays healthy under random garbage split at random points", async () => {
+  await using server = start(() => new Response("good"));
+  // A fixed seed keeps failures reproducible.
+  let seed = 0x2545f491;
+  const random = () => {
+    seed ^= seed << 13;
+    seed ^= seed >>> 17;
+    seed ^= seed << 5;
+    return (seed >>> 0) / 2 ** 32;
+  };
+  const prefixes = ["", "GET / HTTP/1.1\r\n", "POST / HTTP/1.1\r\nHost: a\r\n"];
+  await Promise.all(Array.from({ length: 40 }, async (_, i) => {
+    const garbage = new Uint8Array(1 + Math.floor(random() * 3000));
+    for (let j = 0; j < garbage.length; j++) {
+      garbage[j] = Math.floor(random() * 256);
+    }
+    const data = new Uint8Array([
+      ...encoder.encode(prefixes[i % prefixes.length]),
+      ...garbage,
+    ]);
+    const client = await RawClient.connect(server.addr.port);
+    for (let at = 0; at < data.length;) {
+      const size = 1 + Math.floor(random() * 700);
+      await client.send(data.subarray(at, at + size)).catch(() => {});
+      at += size;
+    }
+    await client.conn.closeWrite().catch(() => {});
+    const response = await client.response().catch(() => undefined);
+    if (response !== undefined) {
+      assert.ok(response.status >= 400, `garbage got ${response.status}`);
+    }
+    client.close();
+  }));
+  const response = await fetch(server.url);
+  assert.equal(await response.text(), "good");
 });
 
 Deno.test("serve() serves HTTPS with cert and key", async () => {
