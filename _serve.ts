@@ -539,6 +539,27 @@ type Framing =
     remaining: number;
   };
 
+/** What the connection knows about the current request body. */
+interface BodyState {
+  /** `Expect: 100-continue` is still to be answered. */
+  expectContinue: boolean;
+  /** The framing error that broke the body, if any. */
+  error: HttpError | undefined;
+  /** The body read in flight, so the connection can wait for it. */
+  pending: Promise<unknown>;
+  /** The response is out: the handler may no longer read the body. */
+  detached: boolean;
+}
+
+function newBodyState(): BodyState {
+  return {
+    expectContinue: false,
+    error: undefined,
+    pending: Promise.resolve(),
+    detached: false,
+  };
+}
+
 /** One client connection and its request loop. */
 class HttpConnection {
   readonly #server: HttpServer;
@@ -549,6 +570,9 @@ class HttpConnection {
   #idle = true;
   #closed = false;
   #taken = false;
+  /** The current request's body, and whether its response has begun. */
+  #bodyState: BodyState = newBodyState();
+  #responseStarted = false;
 
   constructor(server: HttpServer, conn: Deno.Conn) {
     this.#server = server;
@@ -598,12 +622,7 @@ class HttpConnection {
     try {
       head = parseRequestHead(read, this.#server.settings);
       framing = bodyFraming(head);
-      this.#bodyState = {
-        expectContinue: false,
-        error: undefined,
-        pending: Promise.resolve(),
-        detached: false,
-      };
+      this.#bodyState = newBodyState();
       this.#responseStarted = false;
       request = this.#buildRequest(head, framing);
     } catch (error) {
@@ -673,24 +692,28 @@ class HttpConnection {
       );
     }
     const hasBody = framing.kind === "chunked" || framing.remaining > 0;
+    // A GET or HEAD body cannot be given to a Request; it is discarded
+    // after the response so the connection stays in step.
     const bodyAllowed = !/^(?:GET|HEAD)$/i.test(method);
-    return new Request(url, {
-      method,
-      headers: head.headers,
-      body: hasBody && bodyAllowed ? this.#bodyStream(head, framing) : null,
-    });
+    try {
+      return new Request(url, {
+        method,
+        headers: head.headers,
+        body: hasBody && bodyAllowed ? this.#bodyStream(head, framing) : null,
+      });
+    } catch (error) {
+      throw new HttpError(
+        400,
+        `Cannot build a Request from ${method} ${url}`,
+        { cause: error },
+      );
+    }
   }
 
-  // The request body, pulled from the socket only when the handler reads it
-  // (highWaterMark 0), so an unread body is never read ahead.
-  #bodyState!: {
-    expectContinue: boolean;
-    error: HttpError | undefined;
-    pending: Promise<unknown>;
-    detached: boolean;
-  };
-  #responseStarted = false;
-
+  /**
+   * The request body as a stream pulled from the socket only when the
+   * handler reads it (highWaterMark 0): an unread body is never read ahead.
+   */
   #bodyStream(head: RequestHead, framing: Framing): ReadableStream<Uint8Array> {
     const state = this.#bodyState;
     state.expectContinue = head.version === "HTTP/1.1" &&
