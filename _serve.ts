@@ -85,7 +85,8 @@ export interface ServeOptions {
   headTimeout?: number;
   /**
    * Milliseconds a keep-alive connection may wait for the first byte of its
-   * next request before it is closed. Default 30 000.
+   * next request before it is closed, and a request body for its next bytes
+   * (then the body fails and the client gets 408). Default 30 000.
    */
   idleTimeout?: number;
 }
@@ -836,11 +837,36 @@ class HttpConnection {
     }
   }
 
+  /**
+   * One socket read for a request body, bounded by idleTimeout so a client
+   * that stops sending in the middle of a body cannot hold the handler
+   * forever. The abandoned read is observed; the connection is not reused.
+   */
+  #readBodyBytes(buffer: Uint8Array): Promise<number | null> {
+    const { idleTimeout } = this.#server.settings;
+    const read = this.#conn.read(buffer);
+    read.catch(() => {});
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () =>
+          reject(
+            new HttpError(
+              408,
+              `Cannot read the request body: no data came for ${idleTimeout} ms`,
+            ),
+          ),
+        idleTimeout,
+      );
+    });
+    return Promise.race([read, expired]).finally(() => clearTimeout(timer));
+  }
+
   /** Up to `max` bytes: buffered ones first, else one socket read; null at EOF. */
   async #take(max: number): Promise<Uint8Array | null> {
     if (this.#buffered.length === 0) {
       const buffer = new Uint8Array(Math.min(max, BODY_READ_SIZE));
-      const n = await this.#conn.read(buffer);
+      const n = await this.#readBodyBytes(buffer);
       if (n === null) return null;
       if (n <= max) return buffer.subarray(0, n);
       this.#buffered = buffer.subarray(max, n);
@@ -876,7 +902,7 @@ class HttpConnection {
       }
       from = this.#buffered.length;
       const buffer = new Uint8Array(4096);
-      const n = await this.#conn.read(buffer);
+      const n = await this.#readBodyBytes(buffer);
       if (n === null) throw truncatedBody();
       const joined = new Uint8Array(this.#buffered.length + n);
       joined.set(this.#buffered);
@@ -932,7 +958,12 @@ class HttpConnection {
         !bodyUnsent && state.error === undefined;
       keepAlive = await this.#writeResponse(head, response, keepAlive);
       state.detached = true;
-      if (!keepAlive) return false;
+      if (!keepAlive) {
+        if (!bodyFinished(framing) || this.#buffered.length > 0) {
+          await this.#lingeringClose();
+        }
+        return false;
+      }
       await state.pending;
       return await this.#discardBody(framing);
     } finally {
@@ -1100,36 +1131,44 @@ class HttpConnection {
     }
   }
 
-  /**
-   * Answers a request that cannot be served with a bare status and closes
-   * the connection. The close lingers: reading what the client still sends
-   * for a moment keeps the kernel from resetting the connection, which would
-   * destroy the answer before the client reads it.
-   */
+  /** Answers a request that cannot be served with a bare status, then closes. */
   async #refuse(status: number): Promise<void> {
     this.#idle = false;
+    const text = `${status} ${STATUS_TEXT[status] ?? "Error"}`;
     try {
-      const body = `${status} ${STATUS_TEXT[status] ?? "Error"}`;
       await this.#write(encoder.encode(
-        `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Error"}\r\n` +
-          `date: ${httpDate()}\r\ncontent-type: text/plain;charset=UTF-8\r\n` +
-          `content-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
+        `HTTP/1.1 ${text}\r\ndate: ${httpDate()}\r\n` +
+          `content-type: text/plain;charset=UTF-8\r\n` +
+          `content-length: ${text.length}\r\nconnection: close\r\n\r\n${text}`,
       ));
+    } catch {
+      return; // The client is gone: nothing more to do.
+    }
+    await this.#lingeringClose();
+  }
+
+  /**
+   * Closes a connection whose client may still be sending (an unread body,
+   * pipelined requests). Closing a socket with unread input makes the kernel
+   * reset it, which can destroy the response before the client reads it; so
+   * the write side is shut first and input discarded for a moment.
+   */
+  async #lingeringClose(): Promise<void> {
+    this.#idle = false;
+    const timer = setTimeout(() => this.close(), LINGER_MS);
+    try {
       await this.#conn.closeWrite();
-      const timer = setTimeout(() => this.close(), LINGER_MS);
-      try {
-        const sink = new Uint8Array(16 * 1024);
-        let drained = 0;
-        while (drained < MAX_DRAIN_BYTES) {
-          const n = await this.#conn.read(sink);
-          if (n === null) break;
-          drained += n;
-        }
-      } finally {
-        clearTimeout(timer);
+      const sink = new Uint8Array(16 * 1024);
+      for (let drained = 0; drained < MAX_DRAIN_BYTES;) {
+        const n = await this.#conn.read(sink);
+        if (n === null) break;
+        drained += n;
       }
     } catch {
-      // The client is gone or was cut off: nothing more to do.
+      // Reset or closed by the timer: either way the connection is over.
+    } finally {
+      clearTimeout(timer);
+      this.close();
     }
   }
 }

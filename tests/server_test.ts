@@ -646,6 +646,12 @@ const HOSTILE: [string, string | Uint8Array, number][] = [
     400,
   ],
   [
+    "a bad chunk size followed by 200 KiB the server never reads",
+    "POST /read HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n" +
+    "zz\r\n" + "a".repeat(200 * 1024),
+    400,
+  ],
+  [
     "a chunk longer than its size",
     "POST /read HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
     400,
@@ -712,6 +718,28 @@ Deno.test("serve() closes an idle keep-alive connection silently after idleTimeo
   const idleSince = Date.now();
   assert.ok(await client.closedByServer());
   assert.ok(Date.now() - idleSince >= 150);
+  client.close();
+});
+
+Deno.test("serve() answers 408 when a request body stalls past idleTimeout", async () => {
+  let bodyError: unknown;
+  await using server = start(async (request) => {
+    try {
+      await request.text();
+    } catch (error) {
+      bodyError = error;
+      throw error;
+    }
+    return new Response("unreachable");
+  }, { idleTimeout: 200 });
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(
+    "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nabc",
+  );
+  const response = await client.response();
+  assert.equal(response.status, 408);
+  assert.match(String(bodyError), /no data came for 200 ms/);
+  assert.ok(await client.closedByServer());
   client.close();
 });
 
