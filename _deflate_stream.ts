@@ -145,11 +145,25 @@ class StreamDriver {
     this.#armed = false;
   };
 
-  /** Frees the stream (and its native resource) without waiting. */
+  /** Frees the stream (and its native resource) at once, without waiting. */
   cancel(): void {
-    this.#reader.cancel().catch(() => {});
+    this.#reader.cancel().catch(ignore);
+  }
+
+  /**
+   * Ends the stream normally and drops what its flush yields. About 5-10 us
+   * cheaper than `cancel()`, which errors the writable side (bench/).
+   */
+  end(): void {
+    this.#writer.close().catch(ignore);
+    const drain = (result: ReadableStreamReadResult<Uint8Array>) => {
+      if (!result.done) this.#reader.read().then(drain, ignore);
+    };
+    this.#reader.read().then(drain, ignore);
   }
 }
+
+function ignore(): void {}
 
 function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
   if (data.length < suffix.length) return false;
@@ -224,7 +238,7 @@ export class MessageDeflater {
 
   /** Frees the stream; the held-back `00 00 ff ff` is dropped (section 7.2.1). */
   close(): void {
-    this.#driver.cancel();
+    this.#driver.end();
   }
 }
 
@@ -274,7 +288,8 @@ function isStreamEnd(error: unknown): boolean {
  *
  * Input goes in slices of at most `remaining limit / 1032` bytes, so no single
  * write can inflate much past the limit: a 256 MiB bomb is refused after
- * about `limit` bytes. Call `close()` when the connection ends.
+ * about `limit` bytes. One `inflate()` at a time; call `close()` when the
+ * connection ends (or to free the stream while the connection idles).
  */
 export class MessageInflater {
   #driver: StreamDriver | undefined;
@@ -282,6 +297,7 @@ export class MessageInflater {
   #started = false; // a piece of the current message was written
   #held = -1; // the last byte given so far, not yet written (-1: none)
   #ended = false; // the current message's final block has been seen
+  #closes = 0; // counts close() calls, to tell a call cut short by one
 
   /**
    * Inflates the next piece of the current message.
@@ -295,6 +311,7 @@ export class MessageInflater {
     options: InflateOptions,
   ): Promise<Uint8Array[]> {
     const out: Uint8Array[] = [];
+    const closes = this.#closes;
     try {
       const { final, limit } = options;
       if (
@@ -322,6 +339,13 @@ export class MessageInflater {
       await this.#inflatePieces(data, options, out);
       return out;
     } catch (error) {
+      if (closes !== this.#closes) {
+        throw new InflateError(
+          1007,
+          "Cannot inflate message: the inflater was closed during the call",
+          { cause: error },
+        );
+      }
       this.close();
       if (error instanceof InflateError) throw error;
       throw new InflateError(
@@ -337,6 +361,7 @@ export class MessageInflater {
    * `inflate()` starts a new stream (and must begin a new message).
    */
   close(): void {
+    this.#closes++;
     this.#discard();
     this.#endMessage();
   }

@@ -630,7 +630,11 @@ Deno.test("MessageInflater rejects a truncated message with code 1007", async ()
 Deno.test("MessageInflater rejects data after a final block with code 1007", async () => {
   const final = new Uint8Array(zlib.deflateRawSync(jsonText(3000)));
   const payload = concat([final, new Uint8Array([0x00, 0x00, 0x00])]);
-  await assertInflateError(inflateOnce(payload), 1007, /.*/);
+  await assertInflateError(
+    inflateOnce(payload),
+    1007,
+    /data follows the final DEFLATE block/,
+  );
   const inflater = new MessageInflater();
   await assertInflateError(
     inflateAll(inflater, [final, new Uint8Array([0x00, 0x00, 0x00])]),
@@ -676,7 +680,21 @@ Deno.test("MessageInflater closed during an inflate rejects only that call", asy
   const payload = zlibCompress(randomBytes(200_000));
   const pending = inflater.inflate(payload, { final: true, limit: Infinity });
   inflater.close();
-  await assert.rejects(pending, InflateError);
+  await assertInflateError(pending, 1007, /closed during the call/);
+  // Still usable for the next message.
+  const data = jsonText(1000);
+  assert.deepEqual(await inflateAll(inflater, [zlibCompress(data)]), data);
+  inflater.close();
+});
+
+Deno.test("MessageInflater accepts a final block whose trailing 00 comes in its own frame before an empty final one", async () => {
+  const data = jsonText(3000);
+  const final = new Uint8Array(zlib.deflateRawSync(data));
+  const inflater = new MessageInflater();
+  const pieces = [final, new Uint8Array([0x00]), new Uint8Array(0)];
+  assert.deepEqual(await inflateAll(inflater, pieces), data);
+  assert.deepEqual(await inflateAll(inflater, [zlibCompress(data)]), data);
+  inflater.close();
 });
 
 /**
