@@ -39,21 +39,11 @@ const SYNC_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
  * which ends in different bytes), so the check catches it. The decoded bytes
  * also guarantee every message's last write yields a chunk.
  */
+// deno-fmt-ignore
 const SENTINEL = new Uint8Array([
-  0x00,
-  0x00,
-  0xff,
-  0xff, // RFC 7692 section 7.2.2 tail
-  0x0a,
-  0x0f,
-  0x7e,
-  0xc9,
-  0x0b,
-  0x00,
-  0x00,
-  0x00,
-  0xff,
-  0xff,
+  0x00, 0x00, 0xff, 0xff, // the RFC 7692 section 7.2.2 tail
+  0x0a, 0x0f, 0x7e, 0xc9, 0x0b, // fixed-Huffman block of 57 53 e9 0d,
+  0x00, 0x00, 0x00, 0xff, 0xff, // then an empty stored block (sync flush)
 ]);
 /** The bytes {@linkcode SENTINEL} inflates to after a well-formed message. */
 const SENTINEL_TEXT = new Uint8Array([0x57, 0x53, 0xe9, 0x0d]);

@@ -5,14 +5,15 @@
  * builds a `Conn` with the negotiated {@linkcode DeflateParameters}.
  *
  * Messages are compressed with the web-standard `CompressionStream` and
- * inflated with `DecompressionStream`, with no context takeover: every
- * message is compressed on its own, so neither side keeps a 32 KiB window per
- * connection between messages. The inflated size of a received message is
- * bounded by the connection's read limit while it is inflated, so a
- * decompression bomb is refused (close 1009) without being expanded.
+ * inflated with `DecompressionStream`, with no context takeover in either
+ * direction (RFC 7692 section 7.1.1): every message is compressed on its own,
+ * so no sender keeps a compression window between messages. The inflated size
+ * of a received message is bounded by the connection's read limit while it is
+ * inflated, so a decompression bomb is refused (close 1009) without being
+ * expanded.
  *
  * There is no compression level setting: `CompressionStream` offers none (it
- * always uses zlib's default level), and a `setCompressionLevel` that did
+ * always compresses at one fixed level), and a `setCompressionLevel` that did
  * nothing would mislead. For the same reason a peer that asks us to compress
  * with a window smaller than 32 KiB (`server_max_window_bits` or
  * `client_max_window_bits` below 15) is accepted, but we send it every message
