@@ -1,0 +1,318 @@
+/**
+ * Chat server: every line a client sends is broadcast to every connected
+ * client, the sender included.
+ *
+ * The shape is gorilla's chat example, in TypeScript:
+ *
+ * - a {@linkcode Hub} holds the clients and broadcasts each line as one
+ *   `PreparedMessage`, so the frame is built (and compressed) once however
+ *   many clients there are;
+ * - each client has a read loop (the only reader of its connection) and a
+ *   write loop (the only writer) fed by a bounded queue;
+ * - the write loop pings every `pingPeriod`; the read loop's deadline is
+ *   pushed back by every pong, so a peer that vanishes without a FIN is
+ *   noticed within `pongWait`;
+ * - a client whose queue is full is dropped instead of slowing the others.
+ *
+ * ```sh
+ * deno task chat            # then open http://127.0.0.1:8080/ in two tabs
+ * ```
+ *
+ * @module
+ */
+import {
+  CLOSE_CODE,
+  type Conn,
+  formatCloseMessage,
+  isUnexpectedCloseError,
+  MESSAGE_TYPE,
+  PreparedMessage,
+} from "../../conn.ts";
+import {
+  serve,
+  type ServeHandler,
+  type Server,
+  Upgrader,
+} from "../../upgrader.ts";
+import { parseServerArgs } from "../_cli.ts";
+
+/** Timing and size limits of a chat server; every field has gorilla's default. */
+export interface ChatOptions {
+  /** Time allowed to write one message or ping, in ms (default 10 s). */
+  writeWait?: number;
+  /** Time allowed between two pongs (or messages) from the peer, in ms (default 60 s). */
+  pongWait?: number;
+  /** Ping period in ms; must be less than `pongWait` (default 9/10 of it). */
+  pingPeriod?: number;
+  /** Largest message accepted from a client, in bytes (default 512). */
+  maxMessageSize?: number;
+  /** Messages queued for a client before it counts as too slow (default 256). */
+  sendQueueSize?: number;
+}
+
+/** Options for {@linkcode createHandler}. */
+export interface HandlerOptions extends ChatOptions {
+  /**
+   * Called for every upgraded connection, with a promise that settles (never
+   * rejects) once the server is done with it.
+   */
+  onConnection?: (conn: Conn, done: Promise<void>) => void;
+}
+
+/** Options for {@linkcode startServer}. */
+export interface StartOptions extends HandlerOptions {
+  /** Port to listen on; 0 picks a free one. */
+  port: number;
+  /** Interface to listen on (default `127.0.0.1`). */
+  hostname?: string;
+  /** Called once the listener is bound. */
+  onListen?: (addr: Deno.NetAddr) => void;
+}
+
+type Limits = Required<ChatOptions>;
+
+function limits(options: ChatOptions): Limits {
+  const pongWait = options.pongWait ?? 60_000;
+  const pingPeriod = options.pingPeriod ?? pongWait * 9 / 10;
+  if (!(pingPeriod < pongWait)) {
+    throw new RangeError(
+      `Cannot start the chat: pingPeriod (${pingPeriod} ms) must be less than pongWait (${pongWait} ms)`,
+    );
+  }
+  return {
+    writeWait: options.writeWait ?? 10_000,
+    pongWait,
+    pingPeriod,
+    maxMessageSize: options.maxMessageSize ?? 512,
+    sendQueueSize: options.sendQueueSize ?? 256,
+  };
+}
+
+function deadline(ms: number): Date {
+  return new Date(Date.now() + ms);
+}
+
+const decoder = new TextDecoder();
+
+/**
+ * The set of connected clients. Broadcasting never waits for anyone: it only
+ * appends to each client's queue, and a client whose queue is full is dropped.
+ */
+export class Hub {
+  #clients = new Set<Client>();
+
+  /** The number of clients connected now. */
+  get size(): number {
+    return this.#clients.size;
+  }
+
+  /** Adds a client; it receives every later broadcast. */
+  register(client: Client): void {
+    this.#clients.add(client);
+  }
+
+  /** Removes a client; safe to call more than once. */
+  unregister(client: Client): void {
+    this.#clients.delete(client);
+  }
+
+  /** Sends `line` to every client, encoding the frame once for all of them. */
+  broadcast(line: string): void {
+    const message = new PreparedMessage(MESSAGE_TYPE.Text, line);
+    for (const client of this.#clients) {
+      if (!client.enqueue(message)) {
+        this.#clients.delete(client);
+        client.drop();
+      }
+    }
+  }
+}
+
+/** One connected client: its connection, its queue and its two loops. */
+export class Client {
+  #hub: Hub;
+  #conn: Conn;
+  #limits: Limits;
+  #queue: PreparedMessage[] = [];
+  #wake: (() => void) | undefined;
+  #pingDue = false;
+  #dropped = false;
+  #done = false;
+
+  constructor(hub: Hub, conn: Conn, options: ChatOptions = {}) {
+    this.#hub = hub;
+    this.#conn = conn;
+    this.#limits = limits(options);
+  }
+
+  /**
+   * Queues a message for the write loop. Returns false, queuing nothing,
+   * when the queue is full: the client is not keeping up.
+   */
+  enqueue(message: PreparedMessage): boolean {
+    if (this.#done) return true; // Leaving anyway: nothing to drop.
+    if (this.#queue.length >= this.#limits.sendQueueSize) return false;
+    this.#queue.push(message);
+    this.#signal();
+    return true;
+  }
+
+  /** Ends the client: the write loop sends a close frame and hangs up. */
+  drop(): void {
+    this.#dropped = true;
+    this.#queue.length = 0;
+    this.#signal();
+  }
+
+  /**
+   * Registers the client and runs both loops until the connection ends;
+   * the client leaves the hub once both have stopped. Never rejects.
+   */
+  async run(): Promise<void> {
+    this.#hub.register(this);
+    try {
+      await Promise.all([this.#readLoop(), this.#writeLoop()]);
+    } finally {
+      this.#hub.unregister(this);
+    }
+  }
+
+  #signal(): void {
+    const wake = this.#wake;
+    this.#wake = undefined;
+    wake?.();
+  }
+
+  // The only reader of the connection. Each pong pushes the read deadline
+  // back; a peer that stops answering pings fails the read after pongWait.
+  async #readLoop(): Promise<void> {
+    const conn = this.#conn;
+    const { pongWait, maxMessageSize } = this.#limits;
+    conn.setReadLimit(maxMessageSize);
+    conn.setReadDeadline(deadline(pongWait));
+    conn.setPongHandler(() => conn.setReadDeadline(deadline(pongWait)));
+    try {
+      for (;;) {
+        const { data } = await conn.readMessage();
+        const line = decoder.decode(data).replaceAll(/[\r\n]+/g, " ").trim();
+        if (line !== "") this.#hub.broadcast(line);
+      }
+    } catch (error) {
+      if (
+        isUnexpectedCloseError(
+          error,
+          CLOSE_CODE.GoingAway,
+          CLOSE_CODE.AbnormalClosure,
+        )
+      ) {
+        console.error("chat: read:", error);
+      }
+    } finally {
+      this.#done = true;
+      this.#signal();
+      conn.close();
+    }
+  }
+
+  // The only writer of the connection: queued broadcasts, pings, and the
+  // close frame when the hub drops the client.
+  async #writeLoop(): Promise<void> {
+    const conn = this.#conn;
+    const { writeWait, pingPeriod } = this.#limits;
+    const ticker = setInterval(() => {
+      this.#pingDue = true;
+      this.#signal();
+    }, pingPeriod);
+    try {
+      while (!this.#done) {
+        if (this.#dropped) {
+          await conn.writeControl(
+            MESSAGE_TYPE.Close,
+            formatCloseMessage(CLOSE_CODE.PolicyViolation, "too slow"),
+            { deadline: deadline(writeWait) },
+          );
+          return;
+        }
+        if (this.#pingDue) {
+          this.#pingDue = false;
+          await conn.writeControl(MESSAGE_TYPE.Ping, new Uint8Array(), {
+            deadline: deadline(writeWait),
+          });
+        }
+        const message = this.#queue.shift();
+        if (message !== undefined) {
+          conn.setWriteDeadline(deadline(writeWait));
+          await conn.writePreparedMessage(message);
+        } else if (!this.#pingDue && !this.#dropped && !this.#done) {
+          await new Promise<void>((resolve) => this.#wake = resolve);
+        }
+      }
+    } catch {
+      // A failed write ends the client; closing the connection below ends
+      // the read loop too.
+    } finally {
+      clearInterval(ticker);
+      this.#done = true;
+      conn.close();
+    }
+  }
+}
+
+const page = new URL("./home.html", import.meta.url);
+
+/**
+ * Builds the request handler: the chat page on `GET /`, a chat client for
+ * each WebSocket upgrade on `/ws`, all sharing `hub`.
+ */
+export function createHandler(
+  hub: Hub,
+  options: HandlerOptions = {},
+): ServeHandler {
+  limits(options); // fail at start-up, not on the first connection
+  const upgrader = new Upgrader();
+  return async (request) => {
+    const { pathname } = new URL(request.url);
+    if (pathname === "/ws") {
+      const conn = await upgrader.upgrade(request);
+      const done = new Client(hub, conn, options).run();
+      options.onConnection?.(conn, done);
+      return;
+    }
+    if (pathname !== "/") return new Response("Not found\n", { status: 404 });
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return new Response("Method not allowed\n", {
+        status: 405,
+        headers: { allow: "GET, HEAD" },
+      });
+    }
+    return new Response(await Deno.readFile(page), {
+      headers: { "content-type": "text/html; charset=utf-8" },
+    });
+  };
+}
+
+/** Starts a chat server with a fresh hub; returns the server and its hub. */
+export function startServer(
+  options: StartOptions,
+): { server: Server; hub: Hub } {
+  const hub = new Hub();
+  const server = serve({
+    port: options.port,
+    hostname: options.hostname ?? "127.0.0.1",
+    onListen: options.onListen ?? (() => {}),
+  }, createHandler(hub, options));
+  return { server, hub };
+}
+
+if (import.meta.main) {
+  const args = parseServerArgs(
+    Deno.args,
+    "Usage: server.ts [--port N] [--hostname H]",
+  );
+  startServer({
+    port: args.port,
+    hostname: args.hostname,
+    onListen: ({ hostname, port }) =>
+      console.log(`Chat on http://${hostname}:${port}/`),
+  });
+}

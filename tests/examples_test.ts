@@ -1,0 +1,541 @@
+// The example programs, run in-process: each server is started on port 0
+// through its exported startServer() and exercised over real sockets with
+// Deno's built-in WebSocket, our Dialer, or raw frames where a test needs to
+// misbehave. Every test waits for the server to finish with each connection
+// (the examples' onConnection hook) so the sanitizers see nothing left over.
+import assert from "node:assert/strict";
+import { type Conn, MESSAGE_TYPE } from "../conn.ts";
+import { Dialer } from "../dialer.ts";
+import { serve, Upgrader } from "../upgrader.ts";
+import { startServer as startAutobahn } from "../examples/autobahn/server.ts";
+import { runSuite } from "../examples/autobahn/client.ts";
+import { startServer as startChat } from "../examples/chat/server.ts";
+import { startServer as startCommand } from "../examples/command/server.ts";
+import { startServer as startEcho } from "../examples/echo/server.ts";
+import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** Collects the `done` promises the examples hand to `onConnection`. */
+class Sessions {
+  #done: Promise<void>[] = [];
+  conns: Conn[] = [];
+  readonly onConnection = (conn: Conn, done: Promise<void>) => {
+    this.conns.push(conn);
+    this.#done.push(done);
+  };
+  /** Resolves once the server is done with every connection so far. */
+  async settled(): Promise<void> {
+    await Promise.all(this.#done);
+  }
+}
+
+/** A browser-like client: Deno's built-in WebSocket with a message queue. */
+class Client {
+  readonly ws: WebSocket;
+  readonly closed: Promise<CloseEvent>;
+  #messages: (string | ArrayBuffer)[] = [];
+  #waiting: ((value: string | ArrayBuffer) => void) | undefined;
+
+  private constructor(ws: WebSocket) {
+    this.ws = ws;
+    ws.binaryType = "arraybuffer";
+    this.closed = new Promise((resolve) => ws.onclose = resolve);
+    ws.onmessage = (event) => {
+      const waiting = this.#waiting;
+      this.#waiting = undefined;
+      if (waiting) waiting(event.data);
+      else this.#messages.push(event.data);
+    };
+  }
+
+  static async connect(url: string): Promise<Client> {
+    const client = new Client(new WebSocket(url));
+    await new Promise<void>((resolve, reject) => {
+      client.ws.onopen = () => resolve();
+      client.ws.onerror = () =>
+        reject(new Error(`Cannot connect to ${url}: the handshake failed`));
+    });
+    return client;
+  }
+
+  /** The next message, or a rejection if the connection closes first. */
+  next(): Promise<string | ArrayBuffer> {
+    const queued = this.#messages.shift();
+    if (queued !== undefined) return Promise.resolve(queued);
+    return Promise.race([
+      new Promise<string | ArrayBuffer>((resolve) => this.#waiting = resolve),
+      this.closed.then((event) => {
+        throw new Error(`Connection closed (${event.code}) before a message`);
+      }),
+    ]);
+  }
+
+  async nextText(): Promise<string> {
+    const message = await this.next();
+    assert.equal(typeof message, "string", "expected a text message");
+    return message as string;
+  }
+
+  async close(): Promise<CloseEvent> {
+    this.ws.close();
+    return await this.closed;
+  }
+}
+
+/** Opens a WebSocket by hand and returns the raw socket after the 101. */
+async function rawUpgrade(port: number, path: string): Promise<Deno.TcpConn> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const key = btoa(
+    String.fromCharCode(...crypto.getRandomValues(new Uint8Array(16))),
+  );
+  await conn.write(encoder.encode(
+    `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\n` +
+      `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\n` +
+      `Sec-WebSocket-Version: 13\r\n\r\n`,
+  ));
+  let head = "";
+  const buffer = new Uint8Array(1);
+  // Byte by byte so nothing past the head is consumed.
+  while (!head.endsWith("\r\n\r\n")) {
+    const n = await conn.read(buffer);
+    assert.notEqual(n, null, "the server closed during the handshake");
+    head += String.fromCharCode(buffer[0]);
+  }
+  assert.match(head, /^HTTP\/1\.1 101 /);
+  return conn;
+}
+
+/** A masked client frame (RFC 6455 section 5.2), payload under 126 bytes. */
+function clientFrame(opcode: number, payload: Uint8Array): Uint8Array {
+  assert.ok(payload.length < 126);
+  const mask = crypto.getRandomValues(new Uint8Array(4));
+  const frame = new Uint8Array(6 + payload.length);
+  frame[0] = 0x80 | opcode;
+  frame[1] = 0x80 | payload.length;
+  frame.set(mask, 2);
+  for (let i = 0; i < payload.length; i++) {
+    frame[6 + i] = payload[i] ^ mask[i % 4];
+  }
+  return frame;
+}
+
+/** Reads server frames until EOF; returns the close frame's status code. */
+async function readCloseCode(conn: Deno.TcpConn): Promise<number | undefined> {
+  const chunks: Uint8Array[] = [];
+  const buffer = new Uint8Array(4096);
+  for (;;) {
+    const n = await conn.read(buffer).catch(() => null);
+    if (n === null) break;
+    chunks.push(buffer.slice(0, n));
+  }
+  const bytes = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.length;
+  }
+  // Server frames are unmasked; these tests only see short ones.
+  for (let at = 0; at + 2 <= bytes.length;) {
+    const opcode = bytes[at] & 0x0f;
+    const length = bytes[at + 1] & 0x7f;
+    assert.ok(length < 126, "unexpected long frame");
+    if (opcode === 0x8) {
+      return length >= 2 ? (bytes[at + 2] << 8) | bytes[at + 3] : 1005;
+    }
+    at += 2 + length;
+  }
+  return undefined;
+}
+
+/** Polls `condition` every 10 ms until it holds or `ms` pass. */
+async function until(condition: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!condition()) {
+    assert.ok(Date.now() < end, "timed out waiting for a condition");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function bytesOf(message: string | ArrayBuffer): Uint8Array {
+  assert.ok(message instanceof ArrayBuffer, "expected a binary message");
+  return new Uint8Array(message);
+}
+
+// echo
+
+Deno.test("echo server serves its page on GET / and 404 elsewhere", async () => {
+  const server = startEcho({ port: 0 });
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  const page = await fetch(`${base}/`);
+  assert.equal(page.status, 200);
+  assert.match(page.headers.get("content-type") ?? "", /^text\/html/);
+  assert.match(await page.text(), /new WebSocket\(url\)/);
+  const missing = await fetch(`${base}/nope`);
+  assert.equal(missing.status, 404);
+  await missing.body?.cancel();
+  await server.shutdown();
+});
+
+Deno.test("echo server echoes text and binary with their type on / and /ws", async () => {
+  const sessions = new Sessions();
+  const server = startEcho({ port: 0, onConnection: sessions.onConnection });
+  for (const path of ["/", "/ws"]) {
+    const client = await Client.connect(
+      `ws://127.0.0.1:${server.addr.port}${path}`,
+    );
+    for (const size of [0, 1, 125, 126, 65535, 65536, 1 << 20]) {
+      const text = "é".repeat(size >> 1) + "x".repeat(size & 1);
+      client.ws.send(text);
+      assert.equal(await client.next(), text, `text of ${size} bytes`);
+      const binary = new Uint8Array(size).map((_, i) => i * 31 + (i >> 8));
+      client.ws.send(binary);
+      assert.deepEqual(
+        bytesOf(await client.next()),
+        binary,
+        `binary of ${size} bytes`,
+      );
+    }
+    await client.close();
+  }
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("echo server with compress negotiates permessage-deflate", async () => {
+  const sessions = new Sessions();
+  const server = startEcho({
+    port: 0,
+    compress: true,
+    onConnection: sessions.onConnection,
+  });
+  const { conn, response } = await new Dialer({ enableCompression: true })
+    .dial(`ws://127.0.0.1:${server.addr.port}/`);
+  assert.match(
+    response.headers.get("sec-websocket-extensions") ?? "",
+    /^permessage-deflate/,
+  );
+  const json = JSON.stringify({ items: Array(100).fill("compressible") });
+  await conn.writeMessage(MESSAGE_TYPE.Text, json);
+  const { type, data } = await conn.readMessage();
+  assert.equal(type, MESSAGE_TYPE.Text);
+  assert.equal(decoder.decode(data), json);
+  await conn.closeGracefully(1000, "", { timeout: 5000 });
+  await sessions.settled();
+  await server.shutdown();
+});
+
+// chat
+
+Deno.test("chat broadcasts each line to every client, newlines flattened", async () => {
+  const sessions = new Sessions();
+  const { server, hub } = startChat({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  const url = `ws://127.0.0.1:${server.addr.port}/ws`;
+  const alice = await Client.connect(url);
+  const bob = await Client.connect(url);
+  await until(() => hub.size === 2);
+  alice.ws.send("hello\nbob  ");
+  assert.equal(await alice.nextText(), "hello bob");
+  assert.equal(await bob.nextText(), "hello bob");
+  bob.ws.send("hi alice");
+  assert.equal(await alice.nextText(), "hi alice");
+  assert.equal(await bob.nextText(), "hi alice");
+  await alice.close();
+  await bob.close();
+  await sessions.settled();
+  assert.equal(hub.size, 0);
+  await server.shutdown();
+});
+
+Deno.test("chat closes with 1009 a message over maxMessageSize", async () => {
+  const sessions = new Sessions();
+  const { server } = startChat({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  client.ws.send("x".repeat(513));
+  assert.equal((await client.closed).code, 1009);
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("chat pings its clients and drops one that stops answering", async () => {
+  const sessions = new Sessions();
+  const { server, hub } = startChat({
+    port: 0,
+    pongWait: 300,
+    pingPeriod: 100,
+    onConnection: sessions.onConnection,
+  });
+  // A browser answers pings by itself and stays.
+  const browser = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  // A raw socket that never answers is gone after pongWait.
+  const silent = await rawUpgrade(server.addr.port, "/ws");
+  await until(() => hub.size === 2);
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  assert.equal(hub.size, 1);
+  browser.ws.send("still here");
+  assert.equal(await browser.nextText(), "still here");
+  silent.close();
+  await browser.close();
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("chat drops a client that does not read instead of slowing the others", async () => {
+  const sessions = new Sessions();
+  const { server, hub } = startChat({
+    port: 0,
+    sendQueueSize: 8,
+    writeWait: 500,
+    onConnection: sessions.onConnection,
+  });
+  const fast = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  const stalled = await rawUpgrade(server.addr.port, "/ws");
+  await until(() => hub.size === 2);
+  // 64 KiB lines, a few at a time, each read by the fast client before the
+  // next: the stalled client's socket buffers fill up, then its queue.
+  const line = "x".repeat(65536);
+  let sent = 0;
+  while (hub.size === 2) {
+    assert.ok(sent < 4096, "the stalled client was never dropped");
+    for (let i = 0; i < 4; i++) hub.broadcast(line), sent++;
+    for (let i = 0; i < 4; i++) assert.equal(await fast.nextText(), line);
+  }
+  // The fast client keeps receiving after the drop.
+  hub.broadcast("after");
+  assert.equal(await fast.nextText(), "after");
+  stalled.close();
+  await fast.close();
+  await sessions.settled();
+  await server.shutdown();
+});
+
+// command
+
+Deno.test("command bridges messages to stdin and stdout lines to messages", async () => {
+  const sessions = new Sessions();
+  const exits: Deno.CommandStatus[] = [];
+  const server = startCommand({
+    port: 0,
+    command: "cat",
+    onConnection: sessions.onConnection,
+    onExit: (status) => exits.push(status),
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  client.ws.send("hello");
+  assert.equal(await client.nextText(), "hello");
+  client.ws.send("two\nlines");
+  assert.equal(await client.nextText(), "two");
+  assert.equal(await client.nextText(), "lines");
+  await client.close();
+  await sessions.settled();
+  // cat ends by itself when its input closes: no signal needed.
+  assert.deepEqual(exits.map((s) => [s.code, s.signal]), [[0, null]]);
+  await server.shutdown();
+});
+
+Deno.test("command closes with 1000 and the exit code when the process exits", async () => {
+  const sessions = new Sessions();
+  const server = startCommand({
+    port: 0,
+    command: Deno.execPath(),
+    args: ["eval", "console.log('bye'); console.error('oops'); Deno.exit(3)"],
+    onConnection: sessions.onConnection,
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  const lines = [await client.nextText(), await client.nextText()];
+  assert.deepEqual(lines.sort(), ["bye", "oops"]);
+  const closed = await client.closed;
+  assert.equal(closed.code, 1000);
+  assert.equal(closed.reason, "Process exited with code 3");
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("command kills a process that outlives its socket", async () => {
+  const sessions = new Sessions();
+  const exits: Deno.CommandStatus[] = [];
+  const server = startCommand({
+    port: 0,
+    command: Deno.execPath(),
+    // Ignores both the end of its input and SIGTERM.
+    args: [
+      "eval",
+      "Deno.addSignalListener('SIGTERM', () => {}); console.log('ready'); setInterval(() => {}, 1000)",
+    ],
+    killGrace: 100,
+    onConnection: sessions.onConnection,
+    onExit: (status) => exits.push(status),
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  assert.equal(await client.nextText(), "ready");
+  await client.close();
+  await sessions.settled();
+  assert.equal(exits.length, 1);
+  assert.equal(exits[0].signal, "SIGKILL");
+  await server.shutdown();
+});
+
+Deno.test("command tells the peer when the command cannot start", async () => {
+  const sessions = new Sessions();
+  const server = startCommand({
+    port: 0,
+    command: "/nonexistent/command",
+    onConnection: sessions.onConnection,
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  const closed = await client.closed;
+  assert.equal(closed.code, 1011);
+  assert.equal(closed.reason, "Cannot start the command");
+  await sessions.settled();
+  await server.shutdown();
+});
+
+// filewatch
+
+Deno.test("filewatch pushes the file on connect and whenever it changes", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/watched.txt`;
+  await Deno.writeTextFile(path, "first");
+  const sessions = new Sessions();
+  const server = startFilewatch({
+    port: 0,
+    path,
+    pollInterval: 20,
+    onConnection: sessions.onConnection,
+  });
+  const client = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
+  assert.deepEqual(JSON.parse(await client.nextText()), {
+    name: path,
+    contents: "first",
+  });
+  await Deno.writeTextFile(path, "second, longer");
+  assert.deepEqual(JSON.parse(await client.nextText()), {
+    name: path,
+    contents: "second, longer",
+  });
+  await Deno.remove(path);
+  const gone = JSON.parse(await client.nextText());
+  assert.equal(gone.name, path);
+  assert.match(gone.error, /No such file/);
+  await Deno.writeTextFile(path, "back");
+  assert.deepEqual(JSON.parse(await client.nextText()), {
+    name: path,
+    contents: "back",
+  });
+  await client.close();
+  await sessions.settled();
+  await server.shutdown();
+  await Deno.remove(dir, { recursive: true });
+});
+
+// autobahn
+
+Deno.test("autobahn server echoes on /, /f and /p, and 404s elsewhere", async () => {
+  const sessions = new Sessions();
+  const server = startAutobahn({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  const base = `ws://127.0.0.1:${server.addr.port}`;
+  for (const path of ["/", "/f", "/p"]) {
+    const client = await Client.connect(`${base}${path}`);
+    for (const size of [0, 125, 126, 65536, 300_000]) {
+      const text = "ü€𝄞".repeat(Math.ceil(size / 9)).slice(0, size);
+      client.ws.send(text);
+      assert.equal(await client.next(), text, `${path}: text of ${size}`);
+      const binary = new Uint8Array(size).map((_, i) => i * 7);
+      client.ws.send(binary);
+      assert.deepEqual(
+        bytesOf(await client.next()),
+        binary,
+        `${path}: binary of ${size}`,
+      );
+    }
+    await client.close();
+  }
+  const missing = await fetch(`http://127.0.0.1:${server.addr.port}/nope`);
+  assert.equal(missing.status, 404);
+  await missing.body?.cancel();
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("autobahn server fails invalid UTF-8 text with 1007 on every path", async () => {
+  const sessions = new Sessions();
+  const server = startAutobahn({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  for (const path of ["/", "/f", "/p"]) {
+    const conn = await rawUpgrade(server.addr.port, path);
+    // 0xC0 0xAF is an overlong encoding of "/": never valid UTF-8.
+    await conn.write(clientFrame(0x1, new Uint8Array([0x61, 0xc0, 0xaf])));
+    assert.equal(await readCloseCode(conn), 1007, path);
+    conn.close();
+  }
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("autobahn client runs every case of a fuzzing server, then updates the reports", async () => {
+  // A stand-in for the suite's fuzzingserver: two cases, each sending a text
+  // and a binary message and checking the echoes.
+  const upgrader = new Upgrader();
+  const log: string[] = [];
+  const work: Promise<void>[] = [];
+  const fuzzer = serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    async (request) => {
+      const url = new URL(request.url);
+      const conn = await upgrader.upgrade(request);
+      const session = (async () => {
+        if (url.pathname === "/getCaseCount") {
+          await conn.writeMessage(MESSAGE_TYPE.Text, "2");
+        } else if (url.pathname === "/runCase") {
+          const name = `case ${url.searchParams.get("case")} for ${
+            url.searchParams.get("agent")
+          }`;
+          await conn.writeMessage(MESSAGE_TYPE.Text, name);
+          const text = await conn.readMessage();
+          assert.equal(text.type, MESSAGE_TYPE.Text);
+          assert.equal(decoder.decode(text.data), name);
+          await conn.writeMessage(
+            MESSAGE_TYPE.Binary,
+            new Uint8Array([1, 2, 3]),
+          );
+          const binary = await conn.readMessage();
+          assert.equal(binary.type, MESSAGE_TYPE.Binary);
+          assert.deepEqual([...binary.data], [1, 2, 3]);
+          log.push(name);
+        } else {
+          log.push(`${url.pathname} ${url.searchParams.get("agent")}`);
+        }
+        await conn.closeGracefully(1000, "", { timeout: 5000 });
+      })();
+      work.push(session);
+      await session;
+    },
+  );
+  const seen: string[] = [];
+  const count = await runSuite({
+    url: `ws://127.0.0.1:${fuzzer.addr.port}`,
+    agent: "tester",
+    onCase: (index, count) => seen.push(`${index}/${count}`),
+  });
+  await Promise.all(work);
+  assert.equal(count, 2);
+  assert.deepEqual(seen, ["1/2", "2/2"]);
+  assert.deepEqual(log, [
+    "case 1 for tester",
+    "case 2 for tester",
+    "/updateReports tester",
+  ]);
+  await fuzzer.shutdown();
+});
