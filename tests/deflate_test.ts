@@ -1,5 +1,9 @@
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
+// deno-lint-ignore no-import-prefix
+import NodeWebSocket, { WebSocketServer } from "npm:ws@8";
+import { computeAcceptKey } from "../_handshake.ts";
+import { encodeHeader, mask, OPCODE, parseHeader } from "../frame.ts";
 import {
   acceptDeflateResponse,
   DEFLATE_OFFER,
@@ -766,3 +770,266 @@ Deno.test("MessageInflater refuses a 256 MiB bomb of zeros with 1009 while the p
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+// ---------------------------------------------------------------------------
+// Byte-level interop with the `ws` package: our negotiation and engine on a
+// raw socket (Conn is not involved), ws's client and server on the other end.
+
+/** Reads HTTP heads and WebSocket frames from a raw connection. */
+class RawReader {
+  #conn: Deno.Conn;
+  #buffer: Uint8Array = new Uint8Array(0);
+
+  constructor(conn: Deno.Conn) {
+    this.#conn = conn;
+  }
+
+  async #fill(): Promise<void> {
+    const chunk = new Uint8Array(65536);
+    const n = await this.#conn.read(chunk);
+    if (n === null) {
+      throw new Error("Cannot read: the peer closed the connection");
+    }
+    this.#buffer = concat([this.#buffer, chunk.subarray(0, n)]);
+  }
+
+  async head(): Promise<{ status: string; headers: Headers }> {
+    let end: number;
+    while (
+      (end = new TextDecoder().decode(this.#buffer).indexOf("\r\n\r\n")) < 0
+    ) {
+      await this.#fill();
+    }
+    const lines = new TextDecoder().decode(this.#buffer.subarray(0, end))
+      .split("\r\n");
+    this.#buffer = this.#buffer.subarray(end + 4);
+    const headers = new Headers();
+    for (const line of lines.slice(1)) {
+      const colon = line.indexOf(":");
+      headers.append(line.slice(0, colon), line.slice(colon + 1).trim());
+    }
+    return { status: lines[0], headers };
+  }
+
+  async frame(): Promise<
+    { opcode: number; rsv1: boolean; payload: Uint8Array }
+  > {
+    for (;;) {
+      const header = parseHeader(this.#buffer);
+      if (
+        header !== null &&
+        this.#buffer.length >= header.headerLength + header.length
+      ) {
+        const end = header.headerLength + header.length;
+        const payload = this.#buffer.slice(header.headerLength, end);
+        if (header.masked) mask(payload, header.maskKey);
+        this.#buffer = this.#buffer.subarray(end);
+        assert.ok(header.fin, "ws sends these messages unfragmented");
+        return { opcode: header.opcode, rsv1: header.rsv1, payload };
+      }
+      await this.#fill();
+    }
+  }
+}
+
+function encodeFrame(
+  opcode: number,
+  payload: Uint8Array,
+  options: { rsv1?: boolean; masked: boolean },
+): Uint8Array {
+  const maskKey = options.masked
+    ? crypto.getRandomValues(new Uint8Array(4))
+    : undefined;
+  const frame = new Uint8Array(14 + payload.length);
+  const size = encodeHeader(frame, {
+    fin: true,
+    rsv1: options.rsv1,
+    opcode,
+    length: payload.length,
+    maskKey,
+  });
+  frame.set(payload, size);
+  if (maskKey) mask(frame.subarray(size, size + payload.length), maskKey);
+  return frame.subarray(0, size + payload.length);
+}
+
+async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
+  for (let offset = 0; offset < data.length;) {
+    offset += await conn.write(data.subarray(offset));
+  }
+}
+
+// Twice the same 2 KiB (the second copy would be a few bytes with context
+// takeover, so it proves each side compressed it on its own), then a message
+// under ws's 1024-byte threshold, which goes uncompressed.
+const INTEROP_MESSAGES = [jsonText(2048), jsonText(2048), jsonText(100)];
+
+/**
+ * Checks the compressed sizes of INTEROP_MESSAGES as received (-1: sent
+ * uncompressed): the repeat is as large as the first, so the peer honoured
+ * the no context takeover we negotiated.
+ */
+function assertCompressedAlone(sizes: number[]): void {
+  assert.equal(sizes.length, 3);
+  assert.ok(sizes[0] > 0 && sizes[0] < 2048 / 2, `${sizes}`);
+  assert.equal(sizes[1], sizes[0]);
+  assert.equal(sizes[2], -1);
+}
+
+/** Ships one message: compressed with RSV1 when the peer may inflate it. */
+async function sendMessage(
+  conn: Deno.Conn,
+  data: Uint8Array,
+  masked: boolean,
+): Promise<void> {
+  const payload = data.length >= DEFAULT_COMPRESSION_THRESHOLD
+    ? await compressMessage(data)
+    : undefined;
+  await writeAll(
+    conn,
+    encodeFrame(OPCODE.Text, payload ?? data, {
+      rsv1: payload !== undefined,
+      masked,
+    }),
+  );
+}
+
+for (
+  const [label, options] of [
+    ["defaults", true],
+    ["context takeover disabled", {
+      serverNoContextTakeover: true,
+      clientNoContextTakeover: true,
+    }],
+  ] as const
+) {
+  Deno.test(`negotiateDeflate() and the engine interoperate with a ws client (${label})`, async () => {
+    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const server = (async () => {
+      const conn = await listener.accept();
+      try {
+        const reader = new RawReader(conn);
+        const { headers: request } = await reader.head();
+        const negotiated = negotiateDeflate(
+          request.get("sec-websocket-extensions"),
+        );
+        assert.ok(negotiated, "ws offered permessage-deflate");
+        const accept = await computeAcceptKey(
+          request.get("sec-websocket-key")!,
+        );
+        await writeAll(
+          conn,
+          encoder.encode(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
+              `Connection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n` +
+              `Sec-WebSocket-Extensions: ${negotiated.header}\r\n\r\n`,
+          ),
+        );
+        const inflater = new MessageInflater();
+        const sizes: number[] = [];
+        for (;;) {
+          const { opcode, rsv1, payload } = await reader.frame();
+          if (opcode === OPCODE.Close) {
+            await writeAll(
+              conn,
+              encodeFrame(OPCODE.Close, payload, { masked: false }),
+            );
+            break;
+          }
+          sizes.push(rsv1 ? payload.length : -1);
+          const data = rsv1
+            ? await inflateAll(inflater, [payload], 1 << 20)
+            : payload;
+          await sendMessage(conn, data, false);
+        }
+        inflater.close();
+        return sizes;
+      } finally {
+        conn.close();
+      }
+    })();
+
+    const { port } = listener.addr as Deno.NetAddr;
+    const client = new NodeWebSocket(`ws://127.0.0.1:${port}/`, {
+      perMessageDeflate: options,
+    });
+    const received: Uint8Array[] = [];
+    const closed = new Promise<void>((resolve, reject) => {
+      client.on("error", reject);
+      client.on("open", () => {
+        for (const message of INTEROP_MESSAGES) {
+          client.send(new TextDecoder().decode(message));
+        }
+      });
+      client.on("message", (data: Buffer) => {
+        received.push(new Uint8Array(data));
+        if (received.length === INTEROP_MESSAGES.length) client.close();
+      });
+      client.on("close", () => resolve());
+    });
+    const [sizes] = await Promise.all([server, closed]).finally(() =>
+      listener.close()
+    );
+    assertCompressedAlone(sizes);
+    assert.deepEqual(received, INTEROP_MESSAGES);
+  });
+
+  Deno.test(`acceptDeflateResponse() and the engine interoperate with a ws server (${label})`, async () => {
+    const wss = new WebSocketServer({
+      host: "127.0.0.1",
+      port: 0,
+      perMessageDeflate: options,
+    });
+    const sizes: number[] = [];
+    wss.on("connection", (socket: NodeWebSocket) => {
+      socket.on("message", (data: Buffer, isBinary: boolean) => {
+        socket.send(data, { binary: isBinary });
+      });
+    });
+    await new Promise<void>((resolve) => wss.once("listening", resolve));
+    const { port } = wss.address() as { port: number };
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    try {
+      const reader = new RawReader(conn);
+      await writeAll(
+        conn,
+        encoder.encode(
+          "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+            `Sec-WebSocket-Extensions: ${DEFLATE_OFFER}\r\n\r\n`,
+        ),
+      );
+      const { status, headers: response } = await reader.head();
+      assert.match(status, / 101 /);
+      const parameters = acceptDeflateResponse(
+        response.get("sec-websocket-extensions"),
+      );
+      assert.ok(parameters, "ws accepted the offer");
+      assert.equal(canCompress(parameters, "client"), true);
+      const inflater = new MessageInflater();
+      const received: Uint8Array[] = [];
+      for (const message of INTEROP_MESSAGES) {
+        await sendMessage(conn, message, true);
+        const { rsv1, payload } = await reader.frame();
+        sizes.push(rsv1 ? payload.length : -1);
+        received.push(
+          rsv1 ? await inflateAll(inflater, [payload], 1 << 20) : payload,
+        );
+      }
+      inflater.close();
+      assert.deepEqual(received, INTEROP_MESSAGES);
+      assertCompressedAlone(sizes);
+      await writeAll(
+        conn,
+        encodeFrame(OPCODE.Close, new Uint8Array([0x03, 0xe8]), {
+          masked: true,
+        }),
+      );
+      assert.equal((await reader.frame()).opcode, OPCODE.Close);
+    } finally {
+      conn.close();
+      await new Promise((resolve) => wss.close(resolve));
+    }
+  });
+}
