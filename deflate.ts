@@ -21,7 +21,7 @@
  * sends.
  *
  * @example Negotiating on both sides
- * ```ts
+ * ```ts title="A server and a client agree on permessage-deflate"
  * import assert from "node:assert/strict";
  * import { acceptDeflateResponse, DEFLATE_OFFER, negotiateDeflate } from "./deflate.ts";
  *
@@ -45,7 +45,7 @@ const EXTENSION_NAME = "permessage-deflate";
  * permessage-deflate with no context takeover in either direction.
  *
  * @example Offering compression in a handshake request
- * ```ts
+ * ```ts title="The offer in a request's headers"
  * import assert from "node:assert/strict";
  * import { DEFLATE_OFFER } from "./deflate.ts";
  *
@@ -59,6 +59,18 @@ export const DEFLATE_OFFER =
 /**
  * The permessage-deflate parameters both ends agreed on in the handshake
  * (RFC 7692 section 7.1): what `Conn` needs to compress and inflate.
+ *
+ * @example Parameters of a peer that limits the server's window
+ * ```ts title="server_max_window_bits=10 is honoured by not compressing"
+ * import assert from "node:assert/strict";
+ * import { type DeflateParameters, negotiateDeflate } from "./deflate.ts";
+ *
+ * const parameters: DeflateParameters | undefined = negotiateDeflate(
+ *   "permessage-deflate; server_max_window_bits=10",
+ * )?.parameters;
+ * assert.equal(parameters?.serverMaxWindowBits, 10);
+ * assert.equal(parameters?.clientMaxWindowBits, 15);
+ * ```
  */
 export interface DeflateParameters {
   /** The server compresses each message on its own (section 7.1.1.1). */
@@ -77,7 +89,22 @@ export interface DeflateParameters {
   readonly clientMaxWindowBits: number;
 }
 
-/** The server's outcome of {@linkcode negotiateDeflate}. */
+/**
+ * The server's outcome of {@linkcode negotiateDeflate}.
+ *
+ * @example Writing the answer into the 101 response
+ * ```ts title="The header goes into Sec-WebSocket-Extensions"
+ * import assert from "node:assert/strict";
+ * import { type DeflateNegotiation, negotiateDeflate } from "./deflate.ts";
+ *
+ * const negotiation: DeflateNegotiation | undefined = negotiateDeflate(
+ *   "permessage-deflate",
+ * );
+ * const headers = new Headers({ Upgrade: "websocket" });
+ * if (negotiation) headers.set("Sec-WebSocket-Extensions", negotiation.header);
+ * assert.ok(headers.get("sec-websocket-extensions")?.startsWith("permessage-deflate"));
+ * ```
+ */
 export interface DeflateNegotiation {
   /** What the connection uses: pass it to `Conn` as `compression`. */
   parameters: DeflateParameters;
@@ -89,6 +116,21 @@ export interface DeflateNegotiation {
  * The server's `Sec-WebSocket-Extensions` answer could not be accepted by the
  * client: the handshake must fail (RFC 6455 section 4.1, RFC 7692 section
  * 5).
+ *
+ * @example Telling a refused answer apart
+ * ```ts title="Catching the error"
+ * import assert from "node:assert/strict";
+ * import { acceptDeflateResponse, ExtensionNegotiationError } from "./deflate.ts";
+ *
+ * try {
+ *   acceptDeflateResponse("x-unknown-extension");
+ *   assert.fail("the answer was accepted");
+ * } catch (error) {
+ *   assert.ok(error instanceof ExtensionNegotiationError);
+ *   assert.equal(error.name, "ExtensionNegotiationError");
+ *   assert.match(error.message, /"x-unknown-extension" was not offered/);
+ * }
+ * ```
  */
 export class ExtensionNegotiationError extends Error {
   /**
@@ -120,7 +162,7 @@ export class ExtensionNegotiationError extends Error {
  * can be accepted (the 101 then carries no `Sec-WebSocket-Extensions`).
  *
  * @example Accepting a browser's offer
- * ```ts
+ * ```ts title="The first acceptable offer wins"
  * import assert from "node:assert/strict";
  * import { negotiateDeflate } from "./deflate.ts";
  *
@@ -179,7 +221,7 @@ export function negotiateDeflate(
  * `server_no_context_takeover`.
  *
  * @example Validating an answer
- * ```ts
+ * ```ts title="Good and bad answers"
  * import assert from "node:assert/strict";
  * import { acceptDeflateResponse, ExtensionNegotiationError } from "./deflate.ts";
  *
