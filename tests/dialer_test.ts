@@ -1162,3 +1162,45 @@ Deno.test("module-level dial() opens a connection", async () => {
     await server.shutdown();
   }
 });
+
+// ---------------------------------------------------------------------------
+// The echo example's command-line client
+
+Deno.test("echo client sends on every tick and closes with 1000 on interrupt", async () => {
+  const { runClient } = await import("../examples/echo/client.ts");
+  let serverClosed!: (code: number) => void;
+  const closeCode = new Promise<number>((resolve) => serverClosed = resolve);
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    (request) => {
+      const { socket, response } = Deno.upgradeWebSocket(request);
+      socket.onmessage = (event) => socket.send(event.data);
+      socket.onclose = (event) => serverClosed(event.code);
+      return response;
+    },
+  );
+  try {
+    const controller = new AbortController();
+    const lines: string[] = [];
+    await runClient({
+      url: `ws://127.0.0.1:${server.addr.port}/ws`,
+      signal: controller.signal,
+      interval: 10,
+      log(line) {
+        lines.push(line);
+        // Interrupt after the second echo, like Ctrl+C after two seconds.
+        if (lines.filter((l) => l.startsWith("recv: ")).length === 2) {
+          controller.abort();
+        }
+      },
+    });
+    assert.equal(await closeCode, 1000);
+    const received = lines.filter((l) => l.startsWith("recv: "));
+    assert.ok(received.length >= 2);
+    assert.ok(!Number.isNaN(Date.parse(received[0].slice(6))));
+    assert.ok(lines.includes("interrupt"));
+    assert.match(lines.at(-1)!, /^read: /);
+  } finally {
+    await server.shutdown();
+  }
+});

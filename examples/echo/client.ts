@@ -12,7 +12,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { CloseError, type Conn } from "../../conn.ts";
+import type { Conn } from "../../conn.ts";
 import { Dialer } from "../../dialer.ts";
 import { formatCloseMessage, MESSAGE_TYPE } from "../../frame.ts";
 import { exitWithUsage, withoutSeparator } from "../_cli.ts";
@@ -84,7 +84,11 @@ export async function runClient(options: ClientOptions): Promise<void> {
   }
 }
 
-/** Prints every message until the connection ends. Never rejects. */
+/**
+ * Prints every message until the connection ends, then why it ended (the
+ * server's close frame after an interrupt, as gorilla's client logs it).
+ * Never rejects.
+ */
 async function readLoop(
   conn: Conn,
   log: (line: string) => void,
@@ -95,8 +99,7 @@ async function readLoop(
       log(`recv: ${new TextDecoder().decode(data)}`);
     }
   } catch (error) {
-    if (error instanceof CloseError) log(`closed: ${error.code} ${error.text}`);
-    else log(`read: ${(error as Error).message}`);
+    log(`read: ${(error as Error).message}`);
   }
 }
 
