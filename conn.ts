@@ -1074,15 +1074,16 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * const client = new Conn(clientSocket, { role: "client" });
    * const pong = Promise.withResolvers<string>();
    * client.setPongHandler((data) => pong.resolve(new TextDecoder().decode(data)));
-   * await client.writeControl(MESSAGE_TYPE.Ping, new TextEncoder().encode("p"), {
+   * // Control frames are handled by reads, so both sides keep reading.
+   * const reads = [server.readMessage(), client.readMessage()]
+   *   .map((read) => read.catch(() => {}));
+   * await client.writeControl(MESSAGE_TYPE.Ping, "p", {
    *   deadline: new Date(Date.now() + 1000),
    * });
-   * const reading = client.readMessage().catch(() => {});
-   * await server.readMessage().catch(() => {}).then(() => {});
    * assert.equal(await pong.promise, "p");
    * client.close();
    * server.close();
-   * await reading;
+   * await Promise.all(reads);
    * ```
    */
   writeControl(
@@ -1638,13 +1639,17 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     } else {
       const { code, reason } = parseClosePayload(payload);
       this.#closeReceived = true;
+      // The read side is over from here, even if the handler's close frame
+      // gets the transport closed before it returns.
+      const closeError = new CloseError(code, reason);
+      this.#readErr = closeError;
       // Both close frames have now crossed: RFC 6455 section 7.1.1 says to
       // close the TCP connection. A close sent by the handler below does
       // the same from writeControl().
       if (this.#closeSent) this.#closeAfterFlush();
       const result = this.#closeHandler(code, reason);
       if (result) await result;
-      throw new CloseError(code, reason);
+      throw closeError;
     }
   }
 
