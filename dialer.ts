@@ -150,6 +150,8 @@ export class BadHandshakeError extends Error {
   readonly response: Response;
 
   /**
+   * Creates the error for a refused or invalid handshake answer.
+   *
    * @param message What was wrong with the answer.
    * @param response The server's answer.
    * @param options The usual error options.
@@ -196,6 +198,8 @@ export class ProxyError extends Error {
   readonly response: Response | undefined;
 
   /**
+   * Creates the error for a proxy's refusal.
+   *
    * @param message What the proxy refused.
    * @param status The proxy's HTTP status or SOCKS5 reply code.
    * @param response The HTTP proxy's answer, if any.
@@ -388,7 +392,7 @@ export class Dialer {
           });
         }
         if (proxy.protocol === "http:" || proxy.protocol === "https:") {
-          await connectThroughHttpProxy(transport, proxy, address);
+          await connectThroughHttpProxy(transport, proxy, address, signal);
         } else {
           await connectThroughSocks5(transport, proxy, address);
         }
@@ -405,7 +409,7 @@ export class Dialer {
         );
       }
       await writeAll(transport, request);
-      const { response, rest } = await readResponse(transport);
+      const { response, rest } = await readResponse(transport, "handshake");
       if (this.#cookieJar !== undefined) {
         const setCookies = response.headers.getSetCookie();
         if (setCookies.length > 0) {
@@ -850,9 +854,11 @@ function formatRequest(target: URL, parts: RequestParts): Uint8Array {
 /**
  * Reads the final response head, skipping interim 1xx answers other than
  * 101 (RFC 9110 section 15.2), and returns it with the bytes behind it.
+ * `what` names the answer in errors ("handshake", "proxy").
  */
 async function readResponse(
   conn: Deno.Conn,
+  what: string,
 ): Promise<{ response: Response; rest: Uint8Array<ArrayBuffer> }> {
   let buffered: Uint8Array | undefined;
   for (;;) {
@@ -865,16 +871,16 @@ async function readResponse(
     } catch (cause) {
       if (!(cause instanceof HttpError)) throw cause;
       throw new Deno.errors.InvalidData(
-        `Cannot read the handshake response: ${cause.message}`,
+        `Cannot read the ${what} response: ${cause.message}`,
         { cause },
       );
     }
     if (read === null) {
       throw new Deno.errors.UnexpectedEof(
-        "Cannot read the handshake response: the server closed the connection without answering",
+        `Cannot read the ${what} response: the connection closed before any answer`,
       );
     }
-    const response = toResponse(read.head, "handshake");
+    const response = toResponse(read.head, what);
     if (response !== undefined) {
       return { response, rest: read.rest.slice() };
     }
@@ -1105,6 +1111,7 @@ async function connectThroughHttpProxy(
   conn: Deno.Conn,
   proxy: URL,
   address: ConnectAddress,
+  signal: AbortSignal,
 ): Promise<void> {
   const authority = authorityOf(address);
   const lines = [`CONNECT ${authority} HTTP/1.1`, `Host: ${authority}`];
@@ -1117,32 +1124,8 @@ async function connectThroughHttpProxy(
     );
   }
   await writeAll(conn, encoder.encode(lines.join("\r\n") + "\r\n\r\n"));
-  let read;
-  try {
-    read = await readHead(conn, { maxHeadBytes: MAX_RESPONSE_HEAD_BYTES });
-  } catch (cause) {
-    if (!(cause instanceof HttpError)) throw cause;
-    throw new Deno.errors.InvalidData(
-      `Cannot read the proxy's response: ${cause.message}`,
-      { cause },
-    );
-  }
-  if (read === null) {
-    throw new Deno.errors.UnexpectedEof(
-      `Cannot connect through the proxy ${
-        redact(proxy)
-      }: it closed the connection without answering`,
-    );
-  }
-  const response = toResponse(read.head, "proxy") ??
-    new Response(null, { status: 502 });
+  const { response, rest } = await readResponse(conn, "proxy");
   if (response.status < 200 || response.status > 299) {
-    const answer = await withErrorBody(
-      response,
-      conn,
-      read.rest,
-      new AbortController().signal,
-    );
     throw new ProxyError(
       `Cannot connect through the proxy ${
         redact(proxy)
@@ -1150,16 +1133,16 @@ async function connectThroughHttpProxy(
         response.statusText ? ` ${response.statusText}` : ""
       }`,
       response.status,
-      answer,
+      await withErrorBody(response, conn, rest, signal),
     );
   }
-  if (read.rest.length > 0) {
+  if (rest.length > 0) {
     // The server has not been spoken to yet, so nothing can follow the
     // proxy's answer; bytes here mean the proxy is not a CONNECT tunnel.
     throw new Deno.errors.InvalidData(
       `Cannot connect through the proxy ${
         redact(proxy)
-      }: it sent ${read.rest.length} unexpected bytes after its answer`,
+      }: it sent ${rest.length} unexpected bytes after its answer`,
     );
   }
 }
@@ -1438,37 +1421,32 @@ function parseIp(text: string): Uint8Array | null {
     return out;
   }
   if (!text.includes(":")) return null;
+  // An IPv6 literal may end in dotted IPv4 (RFC 4291 section 2.2 item 3):
+  // rewrite it as the two 16-bit groups it stands for.
+  const lastColon = text.lastIndexOf(":");
+  const last = text.slice(lastColon + 1);
+  if (last.includes(".")) {
+    const embedded = parseIpv4(last);
+    if (embedded === null) return null;
+    const high = ((embedded[0] << 8) | embedded[1]).toString(16);
+    const low = ((embedded[2] << 8) | embedded[3]).toString(16);
+    text = `${text.slice(0, lastColon + 1)}${high}:${low}`;
+  }
   const halves = text.split("::");
   if (halves.length > 2) return null;
-  const groups = (half: string) => half === "" ? [] : half.split(":");
-  const head = groups(halves[0]);
-  const tail = halves.length === 2 ? groups(halves[1]) : [];
-  const words: number[] = [];
-  for (const part of [...head, ...tail]) {
-    if (!/^[0-9a-f]{1,4}$/i.test(part)) {
-      const embedded = part === [...head, ...tail].at(-1)
-        ? parseIpv4(part)
-        : null;
-      if (embedded === null) return null;
-      words.push(
-        (embedded[0] << 8) | embedded[1],
-        (embedded[2] << 8) | embedded[3],
-      );
-    } else {
-      words.push(parseInt(part, 16));
-    }
-  }
-  const tailWords = words.length - head.length;
-  if (halves.length === 1 ? words.length !== 8 : words.length > 7) return null;
-  const full = [
-    ...words.slice(0, head.length),
-    ...new Array(8 - words.length).fill(0),
-    ...words.slice(head.length, head.length + tailWords),
-  ];
-  full.forEach((word, i) => {
+  const split = (half: string) => half === "" ? [] : half.split(":");
+  const head = split(halves[0]);
+  const tail = halves.length === 2 ? split(halves[1]) : [];
+  const missing = 8 - head.length - tail.length;
+  // "::" stands for at least one zero group; without it all 8 are written.
+  if (halves.length === 2 ? missing < 1 : missing !== 0) return null;
+  const groups = [...head, ...new Array(missing).fill("0"), ...tail];
+  for (let i = 0; i < 8; i++) {
+    if (!/^[0-9a-f]{1,4}$/i.test(groups[i])) return null;
+    const word = parseInt(groups[i], 16);
     out[2 * i] = word >> 8;
     out[2 * i + 1] = word & 0xff;
-  });
+  }
   return out;
 }
 

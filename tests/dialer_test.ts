@@ -851,7 +851,7 @@ Deno.test("dial() rejects a garbage answer and one cut off at any byte", async (
       Deno.errors.InvalidData,
     );
     const full = await goodAnswer("x");
-    for (let cut = 0; cut < full.length; cut += 7) {
+    for (let cut = 0; cut < full.length; cut++) {
       answer = String(cut);
       await assert.rejects(
         new Dialer().dial(server.url),
@@ -863,6 +863,51 @@ Deno.test("dial() rejects a garbage answer and one cut off at any byte", async (
     }
   } finally {
     await server.close();
+  }
+});
+
+Deno.test("dial() rejects a proxy answer cut off at any byte", async () => {
+  const full = "HTTP/1.1 200 Connection Established\r\n\r\n";
+  let cut = 0;
+  const proxy = rawServer(async (conn) => {
+    await write(conn, full.slice(0, cut));
+  });
+  try {
+    const dialer = new Dialer({
+      proxy: () => `http://127.0.0.1:${proxy.port}`,
+    });
+    for (; cut < full.length; cut++) {
+      await assert.rejects(
+        dialer.dial("ws://example.com/"),
+        (error: Error) =>
+          error instanceof Deno.errors.UnexpectedEof ||
+          error instanceof Deno.errors.InvalidData,
+      );
+    }
+  } finally {
+    await proxy.close();
+  }
+});
+
+Deno.test("dial() explains that wss: needs a TCP connection from connect()", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.remove(path);
+  const listener = Deno.listen({ transport: "unix", path });
+  const accepted = listener.accept();
+  try {
+    const dialer = new Dialer({
+      connect: () => Deno.connect({ transport: "unix", path }),
+    });
+    await assert.rejects(
+      dialer.dial("wss://localhost/"),
+      (error: Error) =>
+        error instanceof TypeError &&
+        /not a plain TCP connection/.test(error.message),
+    );
+  } finally {
+    (await accepted).close();
+    listener.close();
+    await Deno.remove(path).catch(() => {});
   }
 });
 
@@ -1075,7 +1120,8 @@ const urls = Deno.args.length ? Deno.args : [
   "ws://a.skip.example/", "ws://suffix.example/", "ws://a.suffix.example/",
   "ws://10.1.2.3/", "ws://11.0.0.1/", "ws://onlyport.example:8080/",
   "ws://onlyport.example:9090/", "ws://[2001:db8::1]/", "ws://[2001:db8::2]/",
-  "ws://[fd00::5]/", "wss://SKIP.EXAMPLE/",
+  "ws://[fd00::5]/", "wss://SKIP.EXAMPLE/", "ws://[::ffff:192.168.7.7]/",
+  "ws://192.168.7.8/",
 ];
 console.log(JSON.stringify(urls.map((u) => proxyFromEnvironment(new URL(u))?.href ?? null)));
 `;
@@ -1085,7 +1131,7 @@ Deno.test("proxyFromEnvironment() follows HTTP_PROXY, HTTPS_PROXY and NO_PROXY a
     HTTP_PROXY: "http://proxy.example:3128",
     https_proxy: "secure.example:8443",
     NO_PROXY:
-      "skip.example, .suffix.example,10.0.0.0/8 ,onlyport.example:8080,[2001:db8::1],fd00::/8",
+      "skip.example, .suffix.example,10.0.0.0/8 ,onlyport.example:8080,[2001:db8::1],fd00::/8,192.168.7.7",
   };
   const result = JSON.parse(await runChild(PROXY_CASES, env, ["--allow-env"]));
   const plain = "http://proxy.example:3128/";
@@ -1107,6 +1153,8 @@ Deno.test("proxyFromEnvironment() follows HTTP_PROXY, HTTPS_PROXY and NO_PROXY a
     plain,
     null,
     null,
+    null,
+    plain,
   ]);
   const all = JSON.parse(
     await runChild(PROXY_CASES, { ...env, no_proxy: "*", NO_PROXY: "" }, [
