@@ -200,6 +200,7 @@ Deno.test("mask() matches a naive XOR at every size, alignment and key offset", 
     for (let align = 0; align < 4; align++) {
       for (let offset = 0; offset < 4; offset++) {
         const backing = new Uint8Array(size + 4).map(() => random() * 256);
+        const before = backing.slice();
         const data = backing.subarray(align, align + size);
         const expected = naiveMask(data, key, offset);
         const next = mask(data, key, offset);
@@ -211,7 +212,11 @@ Deno.test("mask() matches a naive XOR at every size, alignment and key offset", 
         assert.equal(next, (offset + size) % 4);
         assert.deepEqual(
           backing.subarray(0, align),
-          backing.subarray(0, align),
+          before.subarray(0, align),
+        );
+        assert.deepEqual(
+          backing.subarray(align + size),
+          before.subarray(align + size),
         );
       }
     }
