@@ -373,41 +373,12 @@ export class Dialer {
         cookies,
         headers,
       });
-      const proxy = await this.#proxyFor(target, signal);
-      const address = addressOf(target);
-      if (proxy === null) {
-        transport = await this.#open(address, signal);
-      } else {
-        if (proxy.protocol === "https:" && target.protocol === "wss:") {
-          throw new TypeError(
-            "Cannot dial a wss: URL through an https: proxy: Deno cannot run TLS inside a TLS connection",
-          );
-        }
-        transport = await this.#open(addressOf(proxy), signal);
-        if (proxy.protocol === "https:") {
-          transport = await startTls(transport, proxy.hostname, {
-            caCerts: this.#caCerts,
-            signal,
-            setTransport: (conn) => transport = conn,
-          });
-        }
-        if (proxy.protocol === "http:" || proxy.protocol === "https:") {
-          await connectThroughHttpProxy(transport, proxy, address, signal);
-        } else {
-          await connectThroughSocks5(transport, proxy, address);
-        }
-      }
-      if (target.protocol === "wss:") {
-        transport = await startTls(
-          transport,
-          this.#serverName ?? unbracket(target.hostname),
-          {
-            caCerts: this.#caCerts,
-            signal,
-            setTransport: (conn) => transport = conn,
-          },
-        );
-      }
+      transport = await this.#openStream(target, signal, (conn) => {
+        transport = conn;
+        // An abort that landed between a stage's end and this call found
+        // nothing to close.
+        if (signal.aborted) closeQuietly(conn);
+      });
       await writeAll(transport, request);
       const { response, rest } = await readResponse(transport, "handshake");
       if (this.#cookieJar !== undefined) {
@@ -514,6 +485,53 @@ export class Dialer {
     return `the server chose the extension ${
       JSON.stringify(extensions[0])
     }, which was not offered`;
+  }
+
+  /**
+   * Opens the byte stream to the server: TCP, through the proxy if there is
+   * one, then TLS for `wss:`. `hold` is told of every connection as soon as
+   * it exists, so an abort can close it at any stage.
+   */
+  async #openStream(
+    target: URL,
+    signal: AbortSignal,
+    hold: (conn: Deno.Conn) => void,
+  ): Promise<Deno.Conn> {
+    const proxy = await this.#proxyFor(target, signal);
+    const address = addressOf(target);
+    let conn: Deno.Conn;
+    if (proxy === null) {
+      conn = await this.#open(address, signal);
+      hold(conn);
+    } else {
+      if (proxy.protocol === "https:" && target.protocol === "wss:") {
+        throw new TypeError(
+          "Cannot dial a wss: URL through an https: proxy: Deno cannot run TLS inside a TLS connection",
+        );
+      }
+      conn = await this.#open(addressOf(proxy), signal);
+      hold(conn);
+      if (proxy.protocol === "https:") {
+        conn = await startTls(conn, unbracket(proxy.hostname), {
+          caCerts: this.#caCerts,
+          signal,
+          hold,
+        });
+      }
+      if (proxy.protocol === "http:" || proxy.protocol === "https:") {
+        await connectThroughHttpProxy(conn, proxy, address, signal);
+      } else {
+        await connectThroughSocks5(conn, proxy, address);
+      }
+    }
+    if (target.protocol === "wss:") {
+      conn = await startTls(
+        conn,
+        this.#serverName ?? unbracket(target.hostname),
+        { caCerts: this.#caCerts, signal, hold },
+      );
+    }
+    return conn;
   }
 
   /** Asks the proxy function for the proxy of `target`. */
@@ -1068,7 +1086,7 @@ interface StartTlsOptions {
   caCerts: string[] | undefined;
   signal: AbortSignal;
   /** Hands the TLS connection to the caller as soon as it exists. */
-  setTransport(conn: Deno.Conn): void;
+  hold(conn: Deno.Conn): void;
 }
 
 /**
@@ -1094,7 +1112,7 @@ async function startTls(
       { cause },
     );
   }
-  options.setTransport(tls);
+  options.hold(tls);
   options.signal.throwIfAborted();
   await tls.handshake();
   return tls;
