@@ -1,0 +1,229 @@
+// Interop: third-party clients against our server (serve() + Upgrader).
+// Deno's built-in WebSocket and the ws package exchange text and binary
+// messages from 0 B to 1 MiB with an echo server and close cleanly, in both
+// directions.
+
+import assert from "node:assert/strict";
+import type { Buffer } from "node:buffer";
+// deno-lint-ignore no-import-prefix
+import NodeWebSocket from "npm:ws@8";
+import type { Conn } from "../conn.ts";
+import { CloseError } from "../conn.ts";
+import { serve, Upgrader } from "../upgrader.ts";
+
+const SIZES = [0, 1, 125, 126, 127, 65535, 65536, 65537, 1 << 20];
+
+/** A text message of exactly `size` UTF-8 bytes with multi-byte characters. */
+function textOf(size: number): string {
+  const unit = "aé€😀"; // 1 + 2 + 3 + 4 bytes
+  return unit.repeat(Math.floor(size / 10)) + "a".repeat(size % 10);
+}
+
+function binaryOf(size: number): Uint8Array {
+  const bytes = new Uint8Array(size);
+  for (let i = 0; i < size; i++) bytes[i] = (i * 31 + 7) & 0xff;
+  return bytes;
+}
+
+interface EchoServer {
+  port: number;
+  /** The first connection the server upgrades. */
+  conn: Promise<Conn>;
+  /** How the first connection ended: the error its read loop saw. */
+  ended: Promise<unknown>;
+  close(): Promise<void>;
+}
+
+/**
+ * An echo server for one client: every data message is written back
+ * unchanged until reading fails.
+ */
+function echoServer(): EchoServer {
+  const upgrader = new Upgrader();
+  const upgraded = Promise.withResolvers<Conn>();
+  const ended = Promise.withResolvers<unknown>();
+  const server = serve(
+    { hostname: "127.0.0.1", port: 0, onListen() {} },
+    async (request) => {
+      const conn = await upgrader.upgrade(request);
+      upgraded.resolve(conn);
+      try {
+        for (;;) {
+          const { type, data } = await conn.readMessage();
+          await conn.writeMessage(type, data);
+        }
+      } catch (error) {
+        ended.resolve(error);
+      } finally {
+        conn.close();
+      }
+    },
+  );
+  return {
+    port: server.addr.port,
+    conn: upgraded.promise,
+    ended: ended.promise,
+    close: () => server.shutdown({ closeWebSockets: true, timeout: 1000 }),
+  };
+}
+
+/** Asserts the server's read loop ended on the client's close frame. */
+function assertNormalClosure(error: unknown, text: string): void {
+  assert.ok(error instanceof CloseError, `expected a CloseError, got ${error}`);
+  assert.equal(error.code, 1000);
+  assert.equal(error.text, text);
+}
+
+Deno.test("Deno's WebSocket client exchanges text and binary messages of 0 B to 1 MiB and closes cleanly", async () => {
+  const server = echoServer();
+  try {
+    const ws = new WebSocket(`ws://127.0.0.1:${server.port}/`);
+    ws.binaryType = "arraybuffer";
+    const queue: unknown[] = [];
+    let wake: (() => void) | undefined;
+    ws.onmessage = (event) => {
+      queue.push(event.data);
+      wake?.();
+    };
+    const next = async () => {
+      while (queue.length === 0) {
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      return queue.shift();
+    };
+    await new Promise((resolve) => ws.onopen = resolve);
+    for (const size of SIZES) {
+      const text = textOf(size);
+      ws.send(text);
+      assert.equal(await next(), text, `text of ${size} B`);
+      const binary = binaryOf(size);
+      ws.send(binary);
+      const echoed = await next();
+      assert.ok(echoed instanceof ArrayBuffer);
+      assert.deepEqual(new Uint8Array(echoed), binary, `binary of ${size} B`);
+    }
+    const closed = new Promise<CloseEvent>((resolve) => ws.onclose = resolve);
+    ws.close(1000, "done");
+    const event = await closed;
+    // The server echoes the code only, as gorilla's default close handler.
+    assert.equal(event.code, 1000);
+    assert.equal(event.reason, "");
+    assert.equal(event.wasClean, true);
+    assertNormalClosure(await server.ended, "done");
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("Deno's WebSocket client sees a clean 1000 when our server closes first", async () => {
+  const server = echoServer();
+  try {
+    const ws = new WebSocket(`ws://127.0.0.1:${server.port}/`);
+    await new Promise((resolve) => ws.onopen = resolve);
+    const closed = new Promise<CloseEvent>((resolve) => ws.onclose = resolve);
+    await (await server.conn).closeGracefully(1000, "server done", {
+      timeout: 2000,
+    });
+    const event = await closed;
+    assert.equal(event.code, 1000);
+    assert.equal(event.reason, "server done");
+    assert.equal(event.wasClean, true);
+    await server.ended;
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("the ws package's client exchanges text and binary messages of 0 B to 1 MiB and closes cleanly", async () => {
+  const server = echoServer();
+  try {
+    const ws = new NodeWebSocket(`ws://127.0.0.1:${server.port}/`);
+    const queue: { data: Buffer; isBinary: boolean }[] = [];
+    let wake: (() => void) | undefined;
+    ws.on("message", (data: Buffer, isBinary: boolean) => {
+      queue.push({ data, isBinary });
+      wake?.();
+    });
+    const next = async () => {
+      while (queue.length === 0) {
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      return queue.shift()!;
+    };
+    await new Promise((resolve, reject) => {
+      ws.once("open", resolve);
+      ws.once("error", reject);
+    });
+    for (const size of SIZES) {
+      const text = textOf(size);
+      ws.send(text);
+      const echoedText = await next();
+      assert.equal(echoedText.isBinary, false);
+      assert.equal(echoedText.data.toString("utf8"), text, `text of ${size} B`);
+      const binary = binaryOf(size);
+      ws.send(binary);
+      const echoedBinary = await next();
+      assert.equal(echoedBinary.isBinary, true);
+      assert.deepEqual(
+        new Uint8Array(echoedBinary.data),
+        binary,
+        `binary of ${size} B`,
+      );
+    }
+    const closed = new Promise<[number, string]>((resolve) =>
+      ws.once(
+        "close",
+        (code: number, reason: Buffer) => resolve([code, reason.toString()]),
+      )
+    );
+    ws.close(1000, "done");
+    // The server echoes the code only, as gorilla's default close handler.
+    assert.deepEqual(await closed, [1000, ""]);
+    assertNormalClosure(await server.ended, "done");
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("the ws package's client sees a clean 1000 when our server closes first", async () => {
+  const server = echoServer();
+  try {
+    const ws = new NodeWebSocket(`ws://127.0.0.1:${server.port}/`);
+    await new Promise((resolve, reject) => {
+      ws.once("open", resolve);
+      ws.once("error", reject);
+    });
+    const closed = new Promise<[number, string]>((resolve) =>
+      ws.once(
+        "close",
+        (code: number, reason: Buffer) => resolve([code, reason.toString()]),
+      )
+    );
+    await (await server.conn).closeGracefully(1000, "server done", {
+      timeout: 2000,
+    });
+    assert.deepEqual(await closed, [1000, "server done"]);
+    await server.ended;
+  } finally {
+    await server.close();
+  }
+});
+
+Deno.test("both clients are told 1001 when serve() shuts down with closeWebSockets", async () => {
+  const server = echoServer();
+  const browser = new WebSocket(`ws://127.0.0.1:${server.port}/`);
+  const node = new NodeWebSocket(`ws://127.0.0.1:${server.port}/`);
+  await Promise.all([
+    new Promise((resolve) => browser.onopen = resolve),
+    new Promise((resolve) => node.once("open", resolve)),
+  ]);
+  const browserClosed = new Promise<CloseEvent>((resolve) =>
+    browser.onclose = resolve
+  );
+  const nodeClosed = new Promise<number>((resolve) =>
+    node.once("close", resolve)
+  );
+  await server.close();
+  assert.equal((await browserClosed).code, 1001);
+  assert.equal(await nodeClosed, 1001);
+});
