@@ -188,7 +188,12 @@ export class PipeEnd implements Transport {
       if (channel.buffered < this.#capacity || data.length === 0) break;
       await new Promise<void>((resolve) => channel.writeWaiters.push(resolve));
     }
-    const count = Math.min(data.length, this.#maxWrite);
+    // Like a socket, a write takes what fits under the capacity.
+    const count = Math.min(
+      data.length,
+      this.#maxWrite,
+      Math.max(this.#capacity - channel.buffered, 0),
+    );
     if (count === 0) return 0;
     channel.chunks.push(data.slice(0, count));
     channel.buffered += count;

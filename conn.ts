@@ -1766,8 +1766,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       if (buf.length >= size) {
         buf.copyWithin(0, this.#rpos, this.#rend);
       } else {
-        buf = this.#rbuf = new Uint8Array(size);
-        buf.set(this.#rbufPending());
+        buf = new Uint8Array(size);
+        buf.set(this.#rbuf.subarray(this.#rpos, this.#rend));
+        this.#rbuf = buf;
       }
       this.#rpos = 0;
       this.#rend = pending;
@@ -1778,10 +1779,6 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     this.#rview = buf.subarray(0, this.#rend);
     if (n === space.length) this.#bigReads = true;
     else if (n < IDLE_READ_SIZE / 2) this.#bigReads = false;
-  }
-
-  #rbufPending(): Uint8Array {
-    return this.#rbuf.subarray(this.#rpos, this.#rend);
   }
 
   /** One transport read, bounded by the read deadline and signal. */
