@@ -247,7 +247,8 @@ const encoder = new TextEncoder();
  * it streams (HTTP/1.0 clients: until the connection closes). Connections are
  * kept alive and pipelined requests answered in order. Malformed or
  * oversized requests get 400, 414, 431 or 501 and their connection is closed
- * without disturbing others.
+ * without disturbing others. `request.signal` aborts when the client leaves
+ * before its response has been written.
  *
  * @param options Where to listen, TLS, limits, timeouts, callbacks.
  * @param handler Answers each request.
@@ -574,6 +575,14 @@ class HttpConnection {
   /** The current request's body, and whether its response has begun. */
   #bodyState: BodyState = newBodyState();
   #responseStarted = false;
+  /** Aborts `request.signal` when the client leaves before its response. */
+  #requestAbort: AbortController | undefined;
+  #responseDone = false;
+  /**
+   * A read issued while a bodiless request is handled, to notice the client
+   * leaving (EOF or reset). Its bytes are the start of the next request.
+   */
+  #early: Promise<Uint8Array | null> | undefined;
 
   constructor(server: HttpServer, conn: Deno.Conn) {
     this.#server = server;
@@ -589,6 +598,7 @@ class HttpConnection {
     if (this.#closed || this.#taken) return;
     this.#closed = true;
     closeQuietly(this.#conn);
+    if (!this.#responseDone) this.#requestAbort?.abort();
   }
 
   /** Shutdown closes connections that are between requests. */
@@ -625,11 +635,18 @@ class HttpConnection {
       framing = bodyFraming(head);
       this.#bodyState = newBodyState();
       this.#responseStarted = false;
-      request = this.#buildRequest(head, framing);
+      this.#responseDone = false;
+      this.#requestAbort = new AbortController();
+      request = this.#buildRequest(head, framing, this.#requestAbort.signal);
     } catch (error) {
       if (!(error instanceof HttpError)) throw error;
       await this.#refuse(error.status);
       return false;
+    }
+    // Reading ahead is safe only when nothing else will read the socket
+    // while the handler runs: no body to stream, no upgrade to hand over.
+    if (bodyFinished(framing) && !head.headers.has("upgrade")) {
+      this.#watchClient(this.#requestAbort);
     }
     return await this.#respond(head, framing, request);
   }
@@ -647,10 +664,9 @@ class HttpConnection {
       () => controller.abort(),
       started ? headTimeout : idleTimeout,
     );
-    const conn = this.#conn;
     const reader = {
       read: async (buffer: Uint8Array) => {
-        const n = await conn.read(buffer);
+        const n = await this.#read(buffer);
         if (!started && n !== null && n > 0) {
           started = true;
           clearTimeout(timer);
@@ -683,7 +699,45 @@ class HttpConnection {
     }
   }
 
-  #buildRequest(head: RequestHead, framing: Framing): Request {
+  /**
+   * Reads from the socket for the next request head, taking the bytes of
+   * the read-ahead first.
+   */
+  async #read(buffer: Uint8Array): Promise<number | null> {
+    const early = this.#early;
+    if (early === undefined) return await this.#conn.read(buffer);
+    this.#early = undefined;
+    const bytes = await early;
+    if (bytes === null) return null;
+    const n = Math.min(bytes.length, buffer.length);
+    buffer.set(bytes.subarray(0, n));
+    if (n < bytes.length) this.#early = Promise.resolve(bytes.subarray(n));
+    return n;
+  }
+
+  /**
+   * Reads ahead while the handler runs so that the end of the connection is
+   * noticed (as Go's server does) and `request.signal` aborts: a handler
+   * streaming to a client that left can stop. Whatever arrives instead is
+   * kept for the next request.
+   */
+  #watchClient(abort: AbortController): void {
+    const buffer = new Uint8Array(4096);
+    this.#early = this.#conn.read(buffer).then((n) => {
+      if (n === null && !this.#responseDone) abort.abort();
+      return n === null ? null : buffer.subarray(0, n);
+    }, (error) => {
+      if (!this.#responseDone) abort.abort();
+      throw error;
+    });
+    this.#early.catch(() => {});
+  }
+
+  #buildRequest(
+    head: RequestHead,
+    framing: Framing,
+    signal: AbortSignal,
+  ): Request {
     const url = requestUrl(head, this.#server.scheme, this.#conn.localAddr);
     const method = head.method;
     if (/^(?:CONNECT|TRACE|TRACK)$/i.test(method)) {
@@ -699,6 +753,7 @@ class HttpConnection {
     try {
       return new Request(url, {
         method,
+        signal,
         headers: head.headers,
         body: hasBody && bodyAllowed ? this.#bodyStream(head, framing) : null,
       });
@@ -957,6 +1012,7 @@ class HttpConnection {
       let keepAlive = wantsKeepAlive(head) && !this.#server.closing &&
         !bodyUnsent && state.error === undefined;
       keepAlive = await this.#writeResponse(head, response, keepAlive);
+      this.#responseDone = true;
       state.detached = true;
       if (!keepAlive) {
         if (!bodyFinished(framing) || this.#buffered.length > 0) {
@@ -1107,6 +1163,8 @@ class HttpConnection {
       if (length !== undefined && sent !== length) return false;
       return keepAlive;
     } catch (error) {
+      // The client is gone (or the body failed): stop the handler's work.
+      this.#requestAbort?.abort();
       reader.cancel(error).catch(() => {});
       return false;
     }

@@ -854,6 +854,63 @@ Deno.test("serve() stays healthy under random garbage split at random points", a
   assert.equal(await response.text(), "good");
 });
 
+Deno.test("request.signal aborts when the client leaves before its response", async () => {
+  const aborted = Promise.withResolvers<void>();
+  const entered = Promise.withResolvers<void>();
+  await using server = start(async (request) => {
+    entered.resolve();
+    await new Promise((resolve) =>
+      request.signal.addEventListener("abort", resolve, { once: true })
+    );
+    aborted.resolve();
+    return new Response("too late");
+  });
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(GET("/"));
+  await entered.promise;
+  client.close();
+  await aborted.promise;
+});
+
+Deno.test("request.signal aborts when a streamed response can no longer be written", async () => {
+  let signal: AbortSignal | undefined;
+  const aborted = Promise.withResolvers<void>();
+  await using server = start((request) => {
+    signal = request.signal;
+    signal.addEventListener("abort", () => aborted.resolve(), { once: true });
+    return new Response(
+      new ReadableStream({
+        pull: (controller) => controller.enqueue(new Uint8Array(65536)),
+      }),
+    );
+  });
+  // A POST with a body: no read-ahead, so only the failing write can tell.
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(
+    "POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\nx",
+  );
+  await client.conn.read(new Uint8Array(1024));
+  client.close();
+  await aborted.promise;
+  assert.ok(signal?.aborted);
+});
+
+Deno.test("request.signal does not abort once the response is out", async () => {
+  const signals: AbortSignal[] = [];
+  await using server = start((request) => {
+    signals.push(request.signal);
+    return new Response("ok");
+  });
+  const client = await RawClient.connect(server.addr.port);
+  await client.send(GET("/") + GET("/"));
+  await client.response();
+  await client.response();
+  client.close();
+  await delay(30);
+  assert.equal(signals.length, 2);
+  assert.deepEqual(signals.map((s) => s.aborted), [false, false]);
+});
+
 Deno.test("serve() serves HTTPS with cert and key", async () => {
   const cert = await Deno.readTextFile(new URL("cert.pem", fixtures));
   const key = await Deno.readTextFile(new URL("key.pem", fixtures));
