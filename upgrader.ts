@@ -76,8 +76,15 @@ const STATUS_TEXT: Readonly<Record<number, string>> = {
   500: "Internal Server Error",
 };
 
-/** Headers the Upgrader writes itself, which the application may not set. */
-const RESERVED_HEADERS = ["upgrade", "connection", "sec-websocket-accept"];
+/** Headers of the 101 the Upgrader controls, which the application may not set. */
+const RESERVED_HEADERS = [
+  "upgrade",
+  "connection",
+  "sec-websocket-accept",
+  // A 1xx response has no body, so no framing (RFC 9110 section 8.6).
+  "content-length",
+  "transfer-encoding",
+];
 
 /**
  * The opening handshake was refused: the request is not an acceptable
@@ -415,7 +422,9 @@ export class Upgrader {
    * Upgrades from a `node:http` server's `'upgrade'` event, so existing
    * node:http servers can use this library: pass the event's request, socket
    * and `head` buffer. A request that cannot be represented as a web
-   * `Request` (such as a TRACE) is refused with 400.
+   * `Request` (a TRACE, say) is refused with the default response, 405 when
+   * its method is not GET and 400 otherwise, without calling the `error`
+   * option (which takes a `Request`).
    *
    * @param request The `http.IncomingMessage` of the `'upgrade'` event.
    * @param socket The socket of the `'upgrade'` event; the `Conn` owns it.
@@ -471,7 +480,7 @@ export class Upgrader {
     if (webRequest === undefined) {
       const error = new HandshakeError(
         `Cannot upgrade the connection: the ${request.method} request cannot be represented as a web Request`,
-        { status: 400 },
+        { status: request.method === "GET" ? 400 : 405 },
       );
       return this.#respond(transport, defaultErrorResponse(error, null))
         .then(() => Promise.reject(error));
@@ -611,7 +620,7 @@ export class Upgrader {
       const headers = new Headers(init);
       const reserved = RESERVED_HEADERS.find((name) => headers.has(name));
       if (reserved === undefined) return headers;
-      problem = `they set ${reserved}, which the Upgrader writes itself`;
+      problem = `they set ${reserved}, which the Upgrader controls`;
     } catch (error) {
       problem = "they are not valid HTTP header fields";
       cause = error;

@@ -5,11 +5,14 @@
 import assert from "node:assert/strict";
 import type { Buffer } from "node:buffer";
 import { createServer, type IncomingMessage } from "node:http";
+import { Duplex as NodeDuplex } from "node:stream";
 import type { Duplex } from "node:stream";
 import type { AddressInfo } from "node:net";
 import type { Conn, Transport } from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
+import { registerConnection } from "../_hijack.ts";
 import { parseRequestHead, parseResponseHead, readHead } from "../_http.ts";
+import { NodeTransport } from "../_node.ts";
 import {
   checkSameOrigin,
   HandshakeError,
@@ -607,8 +610,16 @@ Deno.test("upgradeConnection() refuses response headers that would inject a head
   }
 });
 
-Deno.test("upgradeConnection() refuses response headers that set what the Upgrader writes itself", async () => {
-  for (const name of ["Upgrade", "Connection", "Sec-WebSocket-Accept"]) {
+Deno.test("upgradeConnection() refuses response headers that set what the Upgrader controls", async () => {
+  for (
+    const name of [
+      "Upgrade",
+      "Connection",
+      "Sec-WebSocket-Accept",
+      "Content-Length",
+      "Transfer-Encoding",
+    ]
+  ) {
     const { error, status } = await refused(
       requestBytes(),
       new Upgrader(),
@@ -948,4 +959,210 @@ Deno.test("upgradeNode() answers a refused handshake with its status and closes 
     assert.ok(error instanceof HandshakeError);
     assert.equal(error.status, 400);
   });
+});
+
+Deno.test("upgradeNode() refuses a TRACE upgrade, which a web Request cannot carry, with 405", async () => {
+  const rejected = Promise.withResolvers<unknown>();
+  await withNodeServer((request, socket, head) => {
+    new Upgrader().upgradeNode(request, socket, { head }).then(
+      () => rejected.reject(new Error("upgraded")),
+      rejected.resolve,
+    );
+  }, async (port) => {
+    const client = await Deno.connect({ hostname: "127.0.0.1", port });
+    await client.write(requestBytes({}, "TRACE"));
+    const text = decoder.decode(await readAll(client));
+    client.close();
+    assert.match(text, /^HTTP\/1\.1 405 Method Not Allowed\r\n/);
+    assert.match(text, /\r\nallow: GET\r\n/);
+    const error = await rejected.promise;
+    assert.ok(error instanceof HandshakeError);
+    assert.equal(error.status, 405);
+    assert.match(error.message, /TRACE request cannot be represented/);
+  });
+});
+
+// --- NodeTransport -----------------------------------------------------------
+
+/** A node Duplex whose writes succeed at once and whose reads are pushed by hand. */
+function fakeSocket(): Duplex {
+  return new NodeDuplex({
+    read() {},
+    write(_chunk, _encoding, callback) {
+      callback();
+    },
+  });
+}
+
+Deno.test("NodeTransport reads the head first, then socket data, then null at EOF", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, encoder.encode("head|"));
+  socket.push(encoder.encode("data"));
+  socket.push(null);
+  assert.equal(decoder.decode(await readAll(transport)), "head|data");
+  assert.equal(await transport.read(new Uint8Array(1)), null);
+  transport.close();
+});
+
+Deno.test("NodeTransport splits a chunk over reads smaller than it", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  socket.push(encoder.encode("abcdef"));
+  const buffer = new Uint8Array(4);
+  assert.equal(await transport.read(buffer), 4);
+  assert.equal(decoder.decode(buffer), "abcd");
+  assert.equal(await transport.read(buffer), 2);
+  assert.equal(decoder.decode(buffer.subarray(0, 2)), "ef");
+  transport.close();
+});
+
+Deno.test("NodeTransport rejects a pending read with the socket's error when it is reset", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  const reading = transport.read(new Uint8Array(16));
+  const reset = Object.assign(new Error("read ECONNRESET"), {
+    code: "ECONNRESET",
+  });
+  socket.destroy(reset);
+  await assert.rejects(reading, (error) => error === reset);
+  await assert.rejects(transport.write(new Uint8Array(1)), (e) => e === reset);
+  transport.close();
+});
+
+Deno.test("NodeTransport resolves a pending read with null and rejects writes once closed", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  const reading = transport.read(new Uint8Array(16));
+  transport.close();
+  assert.equal(await reading, null);
+  assert.equal(socket.destroyed, true);
+  await assert.rejects(
+    transport.write(new Uint8Array(1)),
+    Deno.errors.BadResource,
+  );
+  transport.close(); // a second close is harmless
+});
+
+Deno.test("NodeTransport refuses a second concurrent read", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  const first = transport.read(new Uint8Array(4));
+  await assert.rejects(transport.read(new Uint8Array(4)), TypeError);
+  transport.close();
+  assert.equal(await first, null);
+});
+
+Deno.test("NodeTransport resolves a write once node has flushed it and rejects one the socket never flushes", async () => {
+  let flush: (() => void) | undefined;
+  const socket = new NodeDuplex({
+    read() {},
+    write(_chunk, _encoding, callback) {
+      flush = callback;
+    },
+  });
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  let written: number | undefined;
+  const writing = transport.write(new Uint8Array(3)).then((n) => written = n);
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.equal(written, undefined);
+  flush!();
+  await writing;
+  assert.equal(written, 3);
+  const stuck = transport.write(new Uint8Array(1));
+  transport.close();
+  await assert.rejects(stuck, Deno.errors.BadResource);
+});
+
+Deno.test("NodeTransport pauses a fast sender above 64 KiB of unread data and resumes once drained", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  for (let i = 0; i < 32; i++) socket.push(new Uint8Array(4096).fill(i));
+  // node delivers pushed chunks as 'data' events on a later tick.
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  assert.equal(socket.isPaused(), true);
+  const received = new Uint8Array(32 * 4096);
+  let total = 0;
+  while (total < received.length) {
+    const n = await transport.read(received.subarray(total, total + 50_000));
+    assert.ok(n !== null);
+    total += n;
+  }
+  assert.equal(socket.isPaused(), false);
+  for (let i = 0; i < 32; i++) {
+    assert.ok(
+      received.subarray(i * 4096, (i + 1) * 4096).every((b) => b === i),
+    );
+  }
+  transport.close();
+});
+
+// --- serve() shutdown bookkeeping -----------------------------------------------
+
+Deno.test("upgrade() registers a 1001 closer with serve() and unregisters it when the Conn closes", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const client = await Deno.connect({
+    hostname: "127.0.0.1",
+    port: listener.addr.port,
+  });
+  const tcp = await listener.accept();
+  const request = toRequest(requestBytes());
+  const closers: ((timeoutMs: number) => Promise<void>)[] = [];
+  let unregistered = 0;
+  registerConnection(request, () => ({
+    conn: tcp,
+    head: new Uint8Array(0),
+    track(closer) {
+      closers.push(closer);
+      return () => unregistered++;
+    },
+  }));
+  const conn = await new Upgrader().upgrade(request);
+  await assert.rejects(
+    new Upgrader().upgrade(request),
+    /already taken over/,
+  );
+  assert.equal(closers.length, 1);
+  const response = await readHead(client, { maxHeadBytes: 16384 });
+  assert.ok(response !== null);
+  // The closer sends close 1001 and, with no answer, gives up at its timeout.
+  await closers[0](50);
+  assert.equal(conn.closed, true);
+  assert.equal(unregistered, 1);
+  const frame = await readAll(client);
+  assert.deepEqual([...frame], [0x88, 2, 0x03, 0xe9]);
+  client.close();
+});
+
+Deno.test("upgradeConnection() sends the default response when the error option returns no Response", async () => {
+  const upgrader = new Upgrader({
+    error: () => "nope" as unknown as Response,
+  });
+  const { error, status, body } = await refused(
+    requestBytes({ Connection: null }),
+    upgrader,
+  );
+  assert.ok(error instanceof TypeError);
+  assert.ok(error.cause instanceof HandshakeError);
+  assert.equal(status, 400);
+  assert.equal(body, "Bad Request\n");
+});
+
+Deno.test("upgradeConnection() bounds writing an error response by handshakeTimeout too", async () => {
+  let closed = false;
+  const stuck: Transport = {
+    read: () => Promise.resolve(null),
+    write: () => new Promise(() => {}),
+    close: () => {
+      closed = true;
+    },
+  };
+  const upgrader = new Upgrader({ handshakeTimeout: 30 });
+  await assert.rejects(
+    upgrader.upgradeConnection(
+      stuck,
+      toRequest(requestBytes({ Upgrade: null })),
+    ),
+    (error: Error) => error instanceof HandshakeError && error.status === 426,
+  );
+  assert.equal(closed, true);
 });
