@@ -1396,7 +1396,12 @@ async function collectReady(
     });
     const result = await Promise.race([next, tick]);
     clearTimeout(timer);
-    if (result === undefined) return { collected, ended: false, next };
+    if (result === undefined) {
+      // Whoever awaits `next` later sees its failure; if the connection
+      // fails first nobody will, and a rejection must never go unobserved.
+      next.catch(() => {});
+      return { collected, ended: false, next };
+    }
     if (result.done) return { collected, ended: true };
     collected.push(result.value);
     total += result.value.length;

@@ -566,6 +566,34 @@ Deno.test("serve() answers 500 when the handler throws, and keeps serving", asyn
   }
 });
 
+Deno.test("serve() answers 500 for a response body that fails before its first byte", async () => {
+  const errors: unknown[] = [];
+  await using server = start(async (request) => {
+    if (new URL(request.url).pathname === "/used") {
+      const used = new Response("consumed");
+      await used.text();
+      return used;
+    }
+    return new Response(
+      new ReadableStream({
+        pull: (controller) => controller.error(new Error("broken source")),
+      }),
+    );
+  }, {
+    onError(error) {
+      errors.push(error);
+      return new Response("fallback", { status: 500 });
+    },
+  });
+  for (const path of ["/broken", "/used"]) {
+    const response = await fetch(`${server.url}${path}`);
+    assert.equal(response.status, 500, path);
+    assert.equal(await response.text(), "fallback");
+  }
+  assert.match(String(errors[0]), /broken source/);
+  assert.ok(errors[1] instanceof TypeError);
+});
+
 Deno.test("serve() sends onError's response for a throwing handler", async () => {
   const errors: unknown[] = [];
   await using server = start(() => Promise.reject(new Error("nope")), {
