@@ -8,8 +8,29 @@
 // with a plain scan and the decoder only sees input from the first non-ASCII
 // byte on.
 
-/** Below this length a JavaScript scan for ASCII beats calling the decoder. */
-const SCAN_LIMIT = 256;
+/** From this length the ASCII scan reads 32-bit words. */
+const WORD_SCAN = 64;
+
+/**
+ * Returns the length of the ASCII prefix of `bytes`: a byte loop for short
+ * input, then 32-bit words (4 bytes per test of the high bits), which is
+ * several times faster than TextDecoder on ASCII, the common case for text.
+ */
+function asciiPrefix(bytes: Uint8Array): number {
+  const n = bytes.length;
+  let i = 0;
+  if (n >= WORD_SCAN) {
+    const head = (4 - (bytes.byteOffset & 3)) & 3;
+    for (; i < head; i++) if (bytes[i] >= 0x80) return i;
+    const count = (n - i) >>> 2;
+    const words = new Int32Array(bytes.buffer, bytes.byteOffset + i, count);
+    let j = 0;
+    for (; j < count; j++) if ((words[j] & 0x80808080) !== 0) break;
+    i += j << 2;
+  }
+  while (i < n && bytes[i] < 0x80) i++;
+  return i;
+}
 
 /** Validates one text message at a time, chunk by chunk. */
 export class Utf8Validator {
@@ -25,10 +46,8 @@ export class Utf8Validator {
   push(chunk: Uint8Array, final: boolean): boolean {
     let from = 0;
     if (!this.#decoding) {
-      if (chunk.length <= SCAN_LIMIT) {
-        while (from < chunk.length && chunk[from] < 0x80) from++;
-        if (from === chunk.length) return true;
-      }
+      from = asciiPrefix(chunk);
+      if (from === chunk.length) return true;
       this.#decoding = true;
     }
     try {

@@ -382,15 +382,20 @@ const MAX_CHUNK = 16 * 1024 * 1024;
 /** How long a failed connection waits for its close frame to be written. */
 const FAIL_CLOSE_TIMEOUT = 1000;
 
-/** Crypto-random masking keys, fetched 64 at a time. */
+/** Crypto-random masking keys (RFC 6455 section 5.3), fetched 64 at a time. */
 const keyPool = new Uint8Array(256);
 let keyPoolOffset = keyPool.length;
-function nextMaskKey(): Uint8Array {
+
+/** Fills `key` with the next 4 crypto-random bytes. */
+function nextMaskKey(key: Uint8Array): Uint8Array {
   if (keyPoolOffset === keyPool.length) {
     crypto.getRandomValues(keyPool);
     keyPoolOffset = 0;
   }
-  const key = keyPool.slice(keyPoolOffset, keyPoolOffset + 4);
+  key[0] = keyPool[keyPoolOffset];
+  key[1] = keyPool[keyPoolOffset + 1];
+  key[2] = keyPool[keyPoolOffset + 2];
+  key[3] = keyPool[keyPoolOffset + 3];
   keyPoolOffset += 4;
   return key;
 }
@@ -623,6 +628,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #lockCount = 0;
   #compressWrites = true;
   #writerSink: WriterSink | undefined;
+  #maskKey = new Uint8Array(4);
 
   // ---- handlers ----
   #closeHandler: CloseHandler;
@@ -1599,8 +1605,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   /** Every problem of a header, joined into one close reason, or undefined. */
   #headerProblem(h: FrameHeader): string | undefined {
-    let problems: string[] | undefined;
-    const add = (problem: string) => (problems ??= []).push(problem);
+    if (this.#headerIsLegal(h)) return undefined;
+    const problems: string[] = [];
+    const add = (problem: string) => problems.push(problem);
     if (h.rsv1) add("RSV1 set with no extension negotiated");
     if (h.rsv2) add("RSV2 set");
     if (h.rsv3) add("RSV3 set");
@@ -1624,9 +1631,19 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
           : "unmasked frame from client",
       );
     }
-    return problems === undefined
-      ? undefined
-      : `Invalid frame: ${problems.join(", ")}`;
+    return `Invalid frame: ${problems.join(", ")}`;
+  }
+
+  /** The common case of {@linkcode Conn.#headerProblem}, without allocating. */
+  #headerIsLegal(h: FrameHeader): boolean {
+    if (h.rsv1 || h.rsv2 || h.rsv3 || h.masked === this.#client) return false;
+    const opcode = h.opcode;
+    if (opcode === OPCODE.Text || opcode === OPCODE.Binary) {
+      return !this.#messageOpen;
+    }
+    if (opcode === OPCODE.Continuation) return this.#messageOpen;
+    return opcode >= 8 && opcode <= 10 && h.fin &&
+      h.length <= MAX_CONTROL_PAYLOAD;
   }
 
   async #handleControl(opcode: number, payload: Uint8Array): Promise<void> {
@@ -1913,7 +1930,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    */
   #append(b0: number, payload: Uint8Array, wait: boolean): Promise<void> {
     const length = payload.length;
-    const key = this.#client ? nextMaskKey() : undefined;
+    // The key is used up before #append returns, so one per connection
+    // serves every frame.
+    const key = this.#client ? nextMaskKey(this.#maskKey) : undefined;
     const size = headerLength(length, this.#client) + length;
     let byReference = false;
     if (length < COPY_LIMIT) {
