@@ -245,18 +245,19 @@ const encoder = new TextEncoder();
  * `Expect: 100-continue` answered when the body is first read); responses go
  * out with `Content-Length` when the body is complete at once, chunked when
  * it streams (HTTP/1.0 clients: until the connection closes). Connections are
- * kept alive and pipelined requests answered in order. Malformed or
- * oversized requests get 400, 414, 431 or 501 and their connection is closed
- * without disturbing others. `request.signal` aborts when the client leaves
- * before its response has been written.
+ * kept alive and pipelined requests answered in order. Malformed, oversized
+ * or too slow requests get 400, 408, 414, 431, 501 or 505 and their
+ * connection is closed without disturbing others. `request.signal` aborts
+ * when the client leaves before its response has been written.
  *
  * @param options Where to listen, TLS, limits, timeouts, callbacks.
  * @param handler Answers each request.
  * @returns The running server.
- * @throws {TypeError} If `handler` is not a function, only one of `cert` and
- * `key` is given, or an option has the wrong type.
+ * @throws {TypeError} If `handler` is not a function, `options` is not an
+ * object, or only one of `cert` and `key` is given.
  * @throws {RangeError} If a limit or timeout is not a positive number.
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ * @throws {DOMException} The reason of `signal` if it is already aborted.
  *
  * @example Serve a request on a free port
  * ```ts
