@@ -38,6 +38,13 @@ function plainBytes(chunk: Uint8Array): Uint8Array {
   return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
 }
 
+/** What reads and writes reject with once the transport is closed, as a `Deno.Conn`'s do. */
+function closedError(action: "read from" | "write to"): Error {
+  return new Deno.errors.BadResource(
+    `Cannot ${action} the socket: the transport is closed`,
+  );
+}
+
 function socketAddr(
   hostname: string | undefined,
   port: number | undefined,
@@ -113,7 +120,7 @@ export class NodeTransport implements Transport {
     if (this.#queue.length > 0) {
       return Promise.resolve(this.#take(buffer));
     }
-    if (this.#closed) return Promise.resolve(null);
+    if (this.#closed) return Promise.reject(closedError("read from"));
     if (this.#error !== undefined) return Promise.reject(this.#error);
     if (this.#ended) return Promise.resolve(null);
     return new Promise((resolve, reject) => {
@@ -122,13 +129,7 @@ export class NodeTransport implements Transport {
   }
 
   write(data: Uint8Array): Promise<number> {
-    if (this.#closed) {
-      return Promise.reject(
-        new Deno.errors.BadResource(
-          "Cannot write to the socket: the transport is closed",
-        ),
-      );
-    }
+    if (this.#closed) return Promise.reject(closedError("write to"));
     if (this.#error !== undefined) return Promise.reject(this.#error);
     return new Promise((resolve, reject) => {
       const fail = (error: Error) => {
@@ -157,11 +158,7 @@ export class NodeTransport implements Transport {
     this.#queued = 0;
     this.#socket.destroy();
     this.#settleRead();
-    this.#failWrites(
-      new Deno.errors.BadResource(
-        "Cannot write to the socket: the transport is closed",
-      ),
-    );
+    this.#failWrites(closedError("write to"));
   }
 
   #enqueue(chunk: Uint8Array): void {
@@ -199,7 +196,7 @@ export class NodeTransport implements Transport {
       pending.resolve(this.#take(pending.buffer));
     } else if (this.#closed) {
       this.#pendingRead = undefined;
-      pending.resolve(null);
+      pending.reject(closedError("read from"));
     } else if (this.#error !== undefined) {
       // A reset is reported as such, even though 'close' follows it.
       this.#pendingRead = undefined;

@@ -1029,12 +1029,16 @@ Deno.test("NodeTransport rejects a pending read with the socket's error when it 
   transport.close();
 });
 
-Deno.test("NodeTransport resolves a pending read with null and rejects writes once closed", async () => {
+Deno.test("NodeTransport rejects pending and later reads and writes once closed, as a Deno.Conn does", async () => {
   const socket = fakeSocket();
   const transport = new NodeTransport(socket, new Uint8Array(0));
   const reading = transport.read(new Uint8Array(16));
   transport.close();
-  assert.equal(await reading, null);
+  await assert.rejects(reading, Deno.errors.BadResource);
+  await assert.rejects(
+    transport.read(new Uint8Array(16)),
+    Deno.errors.BadResource,
+  );
   assert.equal(socket.destroyed, true);
   await assert.rejects(
     transport.write(new Uint8Array(1)),
@@ -1049,7 +1053,7 @@ Deno.test("NodeTransport refuses a second concurrent read", async () => {
   const first = transport.read(new Uint8Array(4));
   await assert.rejects(transport.read(new Uint8Array(4)), TypeError);
   transport.close();
-  assert.equal(await first, null);
+  await assert.rejects(first, Deno.errors.BadResource);
 });
 
 Deno.test("NodeTransport resolves a write once node has flushed it and rejects one the socket never flushes", async () => {
