@@ -95,17 +95,12 @@ export async function readHead(
 ): Promise<ReadHeadResult | null> {
   const { maxHeadBytes, signal } = options;
   signal?.throwIfAborted();
-  // Room for the limit plus one read: whatever the peer sends past the limit
-  // in the same read is harmless, it is refused right after.
-  let buffer = new Uint8Array(
-    Math.min(maxHeadBytes + READ_SIZE, 2 * READ_SIZE),
-  );
-  let length = 0;
-  if (options.buffered !== undefined && options.buffered.length > 0) {
-    buffer = grow(buffer, options.buffered.length);
-    buffer.set(options.buffered);
-    length = options.buffered.length;
-  }
+  // Grown one read at a time; the limit is checked before every read, so a
+  // head can never make it larger than maxHeadBytes plus two reads.
+  const buffered = options.buffered ?? new Uint8Array(0);
+  let buffer = new Uint8Array(buffered.length + READ_SIZE);
+  buffer.set(buffered);
+  let length = buffered.length;
   let start = 0; // where the head starts, past leading empty lines
   let scanned = 0; // bytes already searched for the blank line
   for (;;) {
