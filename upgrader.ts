@@ -88,17 +88,33 @@ const RESERVED_HEADERS = [
 
 /**
  * The opening handshake was refused: the request is not an acceptable
- * WebSocket handshake, or the application's response headers are. The error
- * response has already been written to the client when this is thrown.
+ * WebSocket handshake (or the application set `Sec-WebSocket-Extensions`).
+ * By the time the upgrade rejects with it, the error response has been
+ * written to the client and the connection closed.
  *
  * @example Catching a refused handshake
  * ```ts title="Catching a refused handshake"
  * import assert from "node:assert/strict";
- * import { HandshakeError } from "@denows/websocket/upgrader";
+ * import { HandshakeError, serve, Upgrader } from "@denows/websocket/upgrader";
  *
- * const error = new HandshakeError("Cannot upgrade the connection: origin not allowed", { status: 403 });
- * assert.equal(error.name, "HandshakeError");
- * assert.equal(error.status, 403);
+ * const upgrader = new Upgrader();
+ * const refused = Promise.withResolvers<unknown>();
+ * const server = serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
+ *   try {
+ *     await upgrader.upgrade(request);
+ *   } catch (error) {
+ *     refused.resolve(error);
+ *   }
+ * });
+ *
+ * // A plain GET is no WebSocket handshake.
+ * const response = await fetch(`http://127.0.0.1:${server.addr.port}/`);
+ * assert.equal(response.status, 400);
+ * assert.equal(await response.text(), "Bad Request\n");
+ * const error = await refused.promise;
+ * assert.ok(error instanceof HandshakeError);
+ * assert.equal(error.status, 400);
+ * await server.shutdown();
  * ```
  */
 export class HandshakeError extends Error {
@@ -122,8 +138,10 @@ export class HandshakeError extends Error {
 export interface UpgraderOptions {
   /**
    * Milliseconds allowed for writing the handshake response (the 101, or an
-   * error response). On expiry the connection is closed and the upgrade
-   * rejects with `Deno.errors.TimedOut`. Default: no limit.
+   * error response); nothing more is read. On expiry the connection is
+   * closed, and writing the 101 rejects with `Deno.errors.TimedOut` (a
+   * refused handshake still rejects with its `HandshakeError`). Default and
+   * `0`: no limit, as in gorilla.
    */
   handshakeTimeout?: number;
   /** Read buffer size for the `Conn`, in bytes (default 4096). */
@@ -143,14 +161,17 @@ export interface UpgraderOptions {
    * Builds the error response for a refused handshake (gorilla's `Error`).
    * Default: a `text/plain` body with the reason phrase and
    * `Sec-WebSocket-Version: 13`. A 426 always carries `Upgrade: websocket`
-   * and a 405 `Allow: GET`, whatever this returns.
+   * and a 405 `Allow: GET`, whatever this returns. If it throws (or returns
+   * no `Response`), the default response is sent and the upgrade rejects
+   * with what it threw (or a `TypeError`).
    */
   error?: (
     request: Request,
     error: HandshakeError,
   ) => Response | Promise<Response>;
   /**
-   * Decides whether the request's `Origin` is acceptable (refused: 403).
+   * Decides whether the request's `Origin` is acceptable (refused: 403; if
+   * it throws: 500, with what it threw as the `HandshakeError`'s cause).
    * Default: {@linkcode checkSameOrigin}.
    */
   checkOrigin?: (request: Request) => boolean | Promise<boolean>;
@@ -549,7 +570,10 @@ export class Upgrader {
       return refuse(500, "the origin check threw", error);
     }
     if (!originAllowed) {
-      return refuse(403, `the origin ${headers.get("origin")} is not allowed`);
+      return refuse(
+        403,
+        `the origin ${JSON.stringify(headers.get("origin"))} is not allowed`,
+      );
     }
     const key = headers.get("sec-websocket-key");
     if (key === null || !isValidKey(key)) {
@@ -589,16 +613,25 @@ export class Upgrader {
       writeBufferSize: this.#options.writeBufferSize,
       writeBufferPool: this.#options.writeBufferPool,
     } as const;
-    if (handover.track === undefined) return new Conn(transport, options);
-    // serve()'s graceful shutdown may close this WebSocket with 1001; the
+    // serve()'s graceful shutdown may close this WebSocket with 1001. The
     // closer is unregistered when the transport closes, so a long-running
-    // server does not keep one per connection it ever upgraded.
-    // The closer cannot run before `conn` exists: nothing awaits in between,
-    // and shutdown calls closers asynchronously.
-    const untrack = handover.track((timeoutMs) =>
-      conn.closeGracefully(CLOSE_CODE.GoingAway, "", { timeout: timeoutMs })
-    );
-    const conn = new Conn(new UntrackOnClose(transport, untrack), options);
+    // server keeps none for connections that have ended; it cannot run
+    // before `conn` is assigned, as shutdown calls closers asynchronously.
+    let connTransport: Transport = transport;
+    if (handover.track !== undefined) {
+      const untrack = handover.track((timeoutMs) =>
+        conn.closeGracefully(CLOSE_CODE.GoingAway, "", { timeout: timeoutMs })
+      );
+      connTransport = new UntrackOnClose(transport, untrack);
+    }
+    let conn: Conn;
+    try {
+      conn = new Conn(connTransport, options);
+    } catch (error) {
+      // The 101 is out but there is no Conn to own the socket: close it.
+      closeQuietly(connTransport);
+      throw error;
+    }
     return conn;
   }
 
@@ -619,8 +652,17 @@ export class Upgrader {
     try {
       const headers = new Headers(init);
       const reserved = RESERVED_HEADERS.find((name) => headers.has(name));
-      if (reserved === undefined) return headers;
-      problem = `they set ${reserved}, which the Upgrader controls`;
+      const protocol = headers.get("sec-websocket-protocol");
+      if (reserved !== undefined) {
+        problem = `they set ${reserved}, which the Upgrader controls`;
+      } else if (protocol !== null && !TOKEN.test(protocol)) {
+        // RFC 6455 section 4.2.2: the server selects exactly one protocol.
+        problem = `Sec-WebSocket-Protocol ${
+          JSON.stringify(protocol)
+        } is not a single token`;
+      } else {
+        return headers;
+      }
     } catch (error) {
       problem = "they are not valid HTTP header fields";
       cause = error;

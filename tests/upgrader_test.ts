@@ -569,6 +569,17 @@ Deno.test("upgradeConnection() ignores the application's Sec-WebSocket-Protocol 
   client.close();
 });
 
+Deno.test("upgradeConnection() refuses an application Sec-WebSocket-Protocol that is not one token, answering 500", async () => {
+  const { error, status } = await refused(
+    requestBytes({ "Sec-WebSocket-Protocol": "a, b" }),
+    new Upgrader(),
+    { "Sec-WebSocket-Protocol": "a, b" },
+  );
+  assert.ok(error instanceof TypeError);
+  assert.match(error.message, /is not a single token/);
+  assert.equal(status, 500);
+});
+
 Deno.test("upgradeConnection() writes the application's headers, each Set-Cookie on its own line", async () => {
   const { conn, client, head } = await accepted(
     requestBytes(),
