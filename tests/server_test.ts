@@ -1157,6 +1157,50 @@ Deno.test("shutdown() leaves taken connections open unless asked", async () => {
   client.close();
 });
 
+Deno.test("serve() logs where it listens unless onListen is given, and calls onListen with the address", async () => {
+  const logged: unknown[][] = [];
+  const original = console.log;
+  console.log = (...args: unknown[]) => logged.push(args);
+  try {
+    const server = serve(
+      { hostname: "127.0.0.1", port: 0 },
+      () => new Response(),
+    );
+    await server.shutdown();
+    assert.deepEqual(logged, [[
+      `Listening on http://127.0.0.1:${server.addr.port}/`,
+    ]]);
+  } finally {
+    console.log = original;
+  }
+  let seen: Deno.NetAddr | undefined;
+  const server = serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    onListen: (addr) => seen = addr,
+  }, () => new Response());
+  assert.deepEqual(seen, server.addr);
+  await server.shutdown();
+});
+
+Deno.test("serve() closes its listener when onListen throws", async () => {
+  const failure = new Error("no thanks");
+  let port = 0;
+  assert.throws(
+    () =>
+      serve({
+        hostname: "127.0.0.1",
+        port: 0,
+        onListen(addr) {
+          port = addr.port;
+          throw failure;
+        },
+      }, () => new Response()),
+    (error) => error === failure,
+  );
+  await assert.rejects(Deno.connect({ hostname: "127.0.0.1", port }));
+});
+
 Deno.test("serve() refuses bad arguments with clear errors", () => {
   assert.throws(
     () => serve({ port: 0 }, "nope" as unknown as ServeHandler),
