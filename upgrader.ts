@@ -294,6 +294,13 @@ export class Upgrader {
         `Cannot create the Upgrader: handshakeTimeout must be a finite number of milliseconds >= 0, got ${timeout}`,
       );
     }
+    if (
+      options.subprotocols !== undefined && !Array.isArray(options.subprotocols)
+    ) {
+      throw new TypeError(
+        "Cannot create the Upgrader: subprotocols must be an array of tokens",
+      );
+    }
     for (const protocol of options.subprotocols ?? []) {
       if (typeof protocol !== "string" || !TOKEN.test(protocol)) {
         throw new TypeError(
@@ -309,6 +316,15 @@ export class Upgrader {
           `Cannot create the Upgrader: ${name} must be a function`,
         );
       }
+    }
+    const pool = options.writeBufferPool;
+    if (
+      pool !== undefined &&
+      (typeof pool?.get !== "function" || typeof pool?.put !== "function")
+    ) {
+      throw new TypeError(
+        "Cannot create the Upgrader: writeBufferPool must have get() and put() methods",
+      );
     }
     this.#options = { ...options, subprotocols: options.subprotocols?.slice() };
   }
@@ -432,6 +448,16 @@ export class Upgrader {
     request: Request,
     options: UpgradeConnectionOptions = {},
   ): Promise<Conn> {
+    const problem = !hasMethods(conn, ["read", "write", "close"])
+      ? "conn must have read(), write() and close() methods"
+      : !(request instanceof Request)
+      ? "request must be a Request"
+      : headProblem(options.head);
+    if (problem !== undefined) {
+      return Promise.reject(
+        new TypeError(`Cannot upgrade the connection: ${problem}`),
+      );
+    }
     return this.#handshake(
       { transport: conn, head: options.head ?? new Uint8Array(0) },
       request,
@@ -493,6 +519,17 @@ export class Upgrader {
     socket: NodeSocket,
     options: UpgradeConnectionOptions = {},
   ): Promise<Conn> {
+    const problem =
+      !hasMethods(socket, ["on", "write", "end", "destroy", "pause", "resume"])
+        ? "socket must be the node socket of the 'upgrade' event"
+        : !Array.isArray(request?.rawHeaders)
+        ? "request must be the node http.IncomingMessage of the 'upgrade' event"
+        : headProblem(options.head);
+    if (problem !== undefined) {
+      return Promise.reject(
+        new TypeError(`Cannot upgrade the connection: ${problem}`),
+      );
+    }
     const transport = new NodeTransport(
       socket,
       options.head ?? new Uint8Array(0),
@@ -871,6 +908,21 @@ export function isWebSocketUpgrade(request: Request): boolean {
  */
 export function subprotocols(request: Request): string[] {
   return parseTokenList(request.headers.get("sec-websocket-protocol"));
+}
+
+/** Reports whether `value` has a function under each of `names`. */
+function hasMethods(value: unknown, names: string[]): boolean {
+  return typeof value === "object" && value !== null &&
+    names.every((name) =>
+      typeof (value as Record<string, unknown>)[name] === "function"
+    );
+}
+
+/** What is wrong with a `head` option, if anything. */
+function headProblem(head: unknown): string | undefined {
+  return head === undefined || head instanceof Uint8Array
+    ? undefined
+    : "head must be a Uint8Array";
 }
 
 /** The first of the client's protocols the server supports, or "". */

@@ -8,7 +8,7 @@ import { createServer, type IncomingMessage } from "node:http";
 import { Duplex as NodeDuplex } from "node:stream";
 import type { Duplex } from "node:stream";
 import type { AddressInfo } from "node:net";
-import type { Conn, Transport } from "../conn.ts";
+import type { BufferPool, Conn, Transport } from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
 import { registerConnection } from "../_hijack.ts";
 import { parseRequestHead, parseResponseHead, readHead } from "../_http.ts";
@@ -742,9 +742,50 @@ Deno.test("new Upgrader() refuses invalid options", () => {
     [{ subprotocols: [""] }, TypeError],
     [{ checkOrigin: true as unknown as () => boolean }, TypeError],
     [{ error: "x" as unknown as () => Response }, TypeError],
+    [{ subprotocols: "chat" as unknown as string[] }, TypeError],
+    [{ writeBufferPool: {} as unknown as BufferPool }, TypeError],
   ];
   for (const [options, type] of invalid) {
     assert.throws(() => new Upgrader(options), type, JSON.stringify(options));
+  }
+});
+
+Deno.test("upgradeConnection() and upgradeNode() reject arguments of the wrong kind with a TypeError", async () => {
+  const upgrader = new Upgrader();
+  const request = toRequest(requestBytes());
+  const transport: Transport = {
+    read: () => Promise.resolve(null),
+    write: (data) => Promise.resolve(data.length),
+    close: () => {},
+  };
+  const cases: [Promise<Conn>, RegExp][] = [
+    [upgrader.upgradeConnection({} as Transport, request), /conn must have/],
+    [
+      upgrader.upgradeConnection(transport, {} as Request),
+      /request must be a Request/,
+    ],
+    [
+      upgrader.upgradeConnection(transport, request, {
+        head: "x" as unknown as Uint8Array,
+      }),
+      /head must be a Uint8Array/,
+    ],
+    [
+      upgrader.upgradeNode({} as IncomingMessage, {} as Duplex),
+      /socket must be the node socket/,
+    ],
+    [
+      upgrader.upgradeNode({} as IncomingMessage, fakeSocket()),
+      /request must be the node http.IncomingMessage/,
+    ],
+  ];
+  for (const [promise, message] of cases) {
+    await assert.rejects(promise, (error: Error) => {
+      assert.ok(error instanceof TypeError);
+      assert.match(error.message, /^Cannot upgrade the connection: /);
+      assert.match(error.message, message);
+      return true;
+    });
   }
 });
 
