@@ -1066,6 +1066,41 @@ for (
   });
 }
 
+// Through a proxy to cover its stage too. Plain ws: only: an abandoned TLS
+// handshake keeps its socket open inside Deno (see CLIENT_CLOSES_SOCKET), and
+// Deno.serve's shutdown then waits for it.
+Deno.test("dial() leaves nothing open when aborted at any moment", async () => {
+  const { server, port } = denoEchoServer();
+  const proxy = startHttpProxy();
+  const dialer = new Dialer({ proxy: () => proxy.url });
+  let opened = 0;
+  try {
+    // Abort after 0, 1, 2, ... turns of the microtask queue, then after
+    // growing delays, so the abort lands in every stage in turn.
+    for (let turn = 0; turn < 120; turn++) {
+      const controller = new AbortController();
+      const dialing = dialer.dial(`ws://localhost:${port}/`, {
+        signal: controller.signal,
+      }).then(({ conn }) => {
+        opened++;
+        conn.close();
+      }, (error) => assert.equal(error, controller.signal.reason));
+      if (turn < 60) {
+        for (let i = 0; i < turn; i++) await Promise.resolve();
+      } else {
+        await new Promise((resolve) => setTimeout(resolve, (turn - 60) / 4));
+      }
+      controller.abort();
+      await dialing;
+    }
+  } finally {
+    await proxy.close();
+    await server.shutdown();
+  }
+  // Late turns outlast the whole handshake, so some dials complete.
+  assert.ok(opened > 0);
+});
+
 Deno.test("dial() times out a slow proxy function and cookie jar", async () => {
   const never = new Promise<never>(() => {});
   await assert.rejects(
