@@ -405,6 +405,8 @@ interface Batch {
   promise: Promise<void>;
   resolve: () => void;
   reject: (error: unknown) => void;
+  /** Someone waits for this batch: it must not be held back by a cork. */
+  urgent: boolean;
 }
 
 function newBatch(): Batch {
@@ -412,7 +414,7 @@ function newBatch(): Batch {
   // Nobody may be awaiting this batch (writes below the high-water mark
   // resolve at once); its failure is reported on the next write instead.
   promise.catch(noop);
-  return { promise, resolve, reject };
+  return { promise, resolve, reject, urgent: false };
 }
 
 function toBytes(data: Uint8Array | string, action: string): Uint8Array {
@@ -629,6 +631,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #compressWrites = true;
   #writerSink: WriterSink | undefined;
   #maskKey = new Uint8Array(4);
+  /** The reader is working through buffered frames (see #cork). */
+  #burst = false;
+  #uncorkTimer: ReturnType<typeof setTimeout> | undefined;
 
   // ---- handlers ----
   #closeHandler: CloseHandler;
@@ -664,6 +669,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       }
     }
     this.#transport = transport;
+    // Frames are coalesced here, so Nagle's algorithm only adds delay to
+    // the small frames that remain (40 ms stalls behind delayed ACKs). Go,
+    // and so gorilla, sets TCP_NODELAY on every TCP connection by default.
+    (transport as { setNoDelay?: (noDelay: boolean) => void }).setNoDelay?.(
+      true,
+    );
     this.#client = options.role === "client";
     this.#subprotocol = options.subprotocol ?? "";
     this.#readBufferSize = Math.max(readBufferSize, MAX_CONTROL_FRAME);
@@ -753,7 +764,11 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     try {
       if (!this.#messagePending) {
         const fast = this.#tryWholeMessage();
-        if (fast !== undefined) return fast;
+        if (fast !== undefined) {
+          // More frames wait in the buffer: answers to them can share a write.
+          this.#burst = this.#rpos < this.#rend;
+          return fast;
+        }
       }
       await this.#startMessage();
       const type = this.#messageType;
@@ -1389,6 +1404,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     } catch {
       // Already closed by its owner: nothing left to release.
     }
+    if (this.#uncorkTimer !== undefined) {
+      clearTimeout(this.#uncorkTimer);
+      this.#uncorkTimer = undefined;
+    }
     this.#rejectQueued(this.#writeErr);
     this.#wakeRoom();
   }
@@ -1768,6 +1787,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * the next one full size, and a short read makes it small again.
    */
   async #fill(need: number): Promise<void> {
+    if (this.#burst) this.#uncork();
     const pending = this.#rend - this.#rpos;
     const size = Math.max(
       need,
@@ -1975,8 +1995,39 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #queue(size: number, wait: boolean): Promise<void> {
     this.#queued += size;
     const batch = this.#batch ??= newBatch();
-    if (this.#inFlight === undefined) this.#flush();
-    return wait || this.#queued > HIGH_WATER ? batch.promise : RESOLVED;
+    const urgent = wait || this.#queued > HIGH_WATER;
+    if (urgent) batch.urgent = true;
+    if (this.#inFlight === undefined) {
+      if (this.#burst && !urgent) this.#cork();
+      else this.#uncork();
+    }
+    return urgent ? batch.promise : RESOLVED;
+  }
+
+  /**
+   * Holds queued frames while the application works through messages that
+   * are already buffered (an echo loop answering a pipelined burst): a
+   * socket write completes within a few microtasks, so without this every
+   * answer would leave in its own write. The frames go out when the reader
+   * next waits for the transport, or after a macrotask at the latest.
+   */
+  #cork(): void {
+    if (this.#uncorkTimer !== undefined) return;
+    this.#uncorkTimer = setTimeout(this.#uncorkNow, 0);
+  }
+
+  #uncorkNow = (): void => this.#uncork();
+
+  /** Starts writing whatever is queued (see {@linkcode Conn.#cork}). */
+  #uncork(): void {
+    this.#burst = false;
+    if (this.#uncorkTimer !== undefined) {
+      clearTimeout(this.#uncorkTimer);
+      this.#uncorkTimer = undefined;
+    }
+    if (this.#inFlight === undefined && this.#batch !== undefined) {
+      this.#flush();
+    }
   }
 
   /** Returns a write buffer with `size` free bytes at `#wlen`. */
@@ -2011,6 +2062,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /** Writes batches until none is queued. Never rejects. */
   async #flush(): Promise<void> {
     while (this.#batch !== undefined) {
+      if (this.#burst && !this.#batch.urgent) {
+        this.#cork();
+        return;
+      }
       const batch = this.#batch;
       this.#batch = undefined;
       this.#inFlight = batch;

@@ -69,3 +69,52 @@ Deno.bench({
     }
   },
 });
+
+// The same echo over a real loopback TCP connection.
+const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+const [serverSocket, clientSocket] = await Promise.all([
+  listener.accept(),
+  Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+]);
+listener.close();
+const tcpServer = new Conn(serverSocket, { role: "server" });
+const tcpClient = new Conn(clientSocket, { role: "client" });
+(async () => {
+  try {
+    for await (const { type, data } of tcpServer) {
+      await tcpServer.writeMessage(type, data);
+    }
+  } catch {
+    // The sockets are dropped when the process ends.
+  }
+})();
+
+Deno.bench({
+  name: "TCP echo 1000 x 32 B, 64 in flight",
+  group: "tcp",
+  baseline: true,
+  async fn() {
+    let sent = 0;
+    for (; sent < 64; sent++) {
+      tcpClient.writeMessage(MESSAGE_TYPE.Binary, payload);
+    }
+    for (let got = 0; got < COUNT; got++) {
+      await tcpClient.readMessage();
+      if (sent < COUNT) {
+        tcpClient.writeMessage(MESSAGE_TYPE.Binary, payload);
+        sent++;
+      }
+    }
+  },
+});
+
+Deno.bench({
+  name: "TCP echo 1000 x 32 B, one at a time",
+  group: "tcp",
+  async fn() {
+    for (let i = 0; i < COUNT; i++) {
+      await tcpClient.writeMessage(MESSAGE_TYPE.Binary, payload);
+      await tcpClient.readMessage();
+    }
+  },
+});
