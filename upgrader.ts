@@ -203,20 +203,24 @@ interface Handover {
 
 /**
  * Forwards to a transport taken from serve() and unregisters the shutdown
- * closer when the connection closes (whoever closes it: the application,
- * the Conn on a fatal error, or the closer itself).
+ * closer when it is closed.
  */
 class UntrackOnClose implements Transport {
-  #inner: Transport;
+  #inner: Handover["transport"];
   #untrack: () => void;
   readonly localAddr?: Deno.Addr;
   readonly remoteAddr?: Deno.Addr;
 
-  constructor(inner: Transport, untrack: () => void) {
+  constructor(inner: Handover["transport"], untrack: () => void) {
     this.#inner = inner;
     this.#untrack = untrack;
     this.localAddr = inner.localAddr;
     this.remoteAddr = inner.remoteAddr;
+  }
+
+  /** Half-closes (for lingering after an error response), when possible. */
+  closeWrite(): Promise<void> {
+    return this.#inner.closeWrite?.() ?? Promise.resolve();
   }
 
   read(buffer: Uint8Array): Promise<number | null> {
@@ -560,7 +564,27 @@ export class Upgrader {
     request: Request,
     responseHeadersInit: HeadersInit | undefined,
   ): Promise<Conn> {
-    const { transport } = handover;
+    // A connection taken from serve() is registered with its graceful
+    // shutdown from the start: mid-handshake the closer just closes the
+    // socket, afterwards it closes the WebSocket with 1001. Whoever closes
+    // the transport (a refusal, the application, the Conn on a fatal error,
+    // the closer itself) unregisters it, so a long-running server keeps no
+    // closer for a connection that has ended.
+    let conn: Conn | undefined;
+    const transport = handover.track === undefined
+      ? handover.transport
+      : new UntrackOnClose(
+        handover.transport,
+        handover.track((timeoutMs) => {
+          if (conn === undefined) {
+            closeQuietly(transport);
+            return Promise.resolve();
+          }
+          return conn.closeGracefully(CLOSE_CODE.GoingAway, "", {
+            timeout: timeoutMs,
+          });
+        }),
+      );
     const responseHeaders = await this.#responseHeaders(
       transport,
       request,
@@ -650,23 +674,11 @@ export class Upgrader {
       writeBufferSize: this.#options.writeBufferSize,
       writeBufferPool: this.#options.writeBufferPool,
     } as const;
-    // serve()'s graceful shutdown may close this WebSocket with 1001. The
-    // closer is unregistered when the transport closes, so a long-running
-    // server keeps none for connections that have ended; it cannot run
-    // before `conn` is assigned, as shutdown calls closers asynchronously.
-    let connTransport: Transport = transport;
-    if (handover.track !== undefined) {
-      const untrack = handover.track((timeoutMs) =>
-        conn.closeGracefully(CLOSE_CODE.GoingAway, "", { timeout: timeoutMs })
-      );
-      connTransport = new UntrackOnClose(transport, untrack);
-    }
-    let conn: Conn;
     try {
-      conn = new Conn(connTransport, options);
+      conn = new Conn(transport, options);
     } catch (error) {
       // The 101 is out but there is no Conn to own the socket: close it.
-      closeQuietly(connTransport);
+      closeQuietly(transport);
       throw error;
     }
     return conn;
