@@ -69,6 +69,8 @@ export class NodeTransport implements Transport {
   #ended = false;
   #closed = false;
   #error: Error | undefined;
+  /** Set once the socket has closed: later writes could never complete. */
+  #gone: Error | undefined;
   #pendingRead: PendingRead | undefined;
   #pendingWrites = new Set<(error: Error) => void>();
   readonly localAddr?: Deno.NetAddr;
@@ -102,12 +104,11 @@ export class NodeTransport implements Transport {
     socket.on("error", (error: Error) => this.#fail(error));
     socket.on("close", () => {
       this.#finish();
-      this.#failWrites(
-        this.#error ??
-          new Deno.errors.BrokenPipe(
-            "Cannot write to the socket: it was closed",
-          ),
-      );
+      this.#gone = this.#error ??
+        new Deno.errors.BrokenPipe(
+          "Cannot write to the socket: the peer closed the connection",
+        );
+      this.#failWrites(this.#gone);
     });
   }
 
@@ -130,7 +131,8 @@ export class NodeTransport implements Transport {
 
   write(data: Uint8Array): Promise<number> {
     if (this.#closed) return Promise.reject(closedError("write to"));
-    if (this.#error !== undefined) return Promise.reject(this.#error);
+    const failed = this.#error ?? this.#gone;
+    if (failed !== undefined) return Promise.reject(failed);
     return new Promise((resolve, reject) => {
       const fail = (error: Error) => {
         this.#pendingWrites.delete(fail);

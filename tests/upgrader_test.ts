@@ -8,7 +8,12 @@ import { createServer, type IncomingMessage } from "node:http";
 import { Duplex as NodeDuplex } from "node:stream";
 import type { Duplex } from "node:stream";
 import type { AddressInfo } from "node:net";
-import type { BufferPool, Conn, Transport } from "../conn.ts";
+import {
+  type BufferPool,
+  CloseError,
+  type Conn,
+  type Transport,
+} from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
 import { registerConnection } from "../_hijack.ts";
 import { parseRequestHead, parseResponseHead, readHead } from "../_http.ts";
@@ -1099,6 +1104,20 @@ Deno.test("NodeTransport rejects pending and later reads and writes once closed,
   transport.close(); // a second close is harmless
 });
 
+Deno.test("NodeTransport reports EOF to reads and rejects writes once the peer has closed", async () => {
+  const socket = fakeSocket();
+  const transport = new NodeTransport(socket, new Uint8Array(0));
+  socket.push(null);
+  socket.end();
+  await new Promise((resolve) => socket.once("close", resolve));
+  assert.equal(await transport.read(new Uint8Array(4)), null);
+  await assert.rejects(
+    transport.write(new Uint8Array(1)),
+    Deno.errors.BrokenPipe,
+  );
+  transport.close();
+});
+
 Deno.test("NodeTransport refuses a second concurrent read", async () => {
   const socket = fakeSocket();
   const transport = new NodeTransport(socket, new Uint8Array(0));
@@ -1260,4 +1279,26 @@ Deno.test("upgrade() unregisters its shutdown closer when the handshake is refus
   assert.match(response, /^HTTP\/1\.1 426 Upgrade Required\r\n/);
   assert.equal(closers.length, 1);
   assert.ok(state.unregistered >= 1);
+});
+
+Deno.test("upgradeNode() reports a client that vanishes mid-frame as an abnormal closure", async () => {
+  const ended = Promise.withResolvers<unknown>();
+  await withNodeServer(async (request, socket, head) => {
+    const conn = await new Upgrader().upgradeNode(request, socket, { head });
+    await conn.readMessage().then(
+      () => ended.reject(new Error("read a message")),
+      ended.resolve,
+    );
+    conn.close();
+  }, async (port) => {
+    const client = await Deno.connect({ hostname: "127.0.0.1", port });
+    const frame = clientFrame(0x2, new Uint8Array(100));
+    await client.write(concat(requestBytes(), frame.subarray(0, 50)));
+    const response = await readHead(client, { maxHeadBytes: 16384 });
+    assert.ok(response !== null);
+    client.close();
+    const error = await ended.promise;
+    assert.ok(error instanceof CloseError);
+    assert.equal(error.code, 1006);
+  });
 });
