@@ -444,6 +444,26 @@ function closeReason(text: string): string {
 }
 
 /**
+ * The one header object every connection parses into. It is only read
+ * synchronously after a parse (never across an await), so sharing it keeps
+ * a per-connection object and key array off every idle connection.
+ */
+const header: FrameHeader = {
+  fin: false,
+  rsv1: false,
+  rsv2: false,
+  rsv3: false,
+  opcode: 0,
+  masked: false,
+  length: 0,
+  maskKey: new Uint8Array(4),
+  headerLength: 0,
+};
+
+/** The read view of a connection with nothing buffered. */
+const EMPTY = new Uint8Array(0);
+
+/**
  * A message encoded once and written to many connections
  * (gorilla's `PreparedMessage`): the frame is built once per role.
  *
@@ -570,22 +590,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #rview: Uint8Array;
   /** Whether reads use the full read buffer (data is flowing). */
   #bigReads = false;
-  #header: FrameHeader = {
-    fin: false,
-    rsv1: false,
-    rsv2: false,
-    rsv3: false,
-    opcode: 0,
-    masked: false,
-    length: 0,
-    maskKey: new Uint8Array(4),
-    headerLength: 0,
-  };
   /** Payload bytes of the current data frame not yet consumed. */
   #remaining = 0;
   #frameFin = true;
   #frameMasked = false;
-  #frameKey = new Uint8Array(4);
+  /** Masking key of the current data frame (a server's only). */
+  #frameKey: Uint8Array | undefined;
   #maskPos = 0;
   /** A fragmented message is open: the next data frame must continue it. */
   #messageOpen = false;
@@ -630,15 +640,18 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #lockCount = 0;
   #compressWrites = true;
   #writerSink: WriterSink | undefined;
-  #maskKey = new Uint8Array(4);
+  /** A client's masking key, refilled for every frame. */
+  #maskKey: Uint8Array | undefined;
   /** The reader is working through buffered frames (see #cork). */
   #burst = false;
   #uncorkTimer: ReturnType<typeof setTimeout> | undefined;
 
   // ---- handlers ----
-  #closeHandler: CloseHandler;
-  #pingHandler: ControlHandler;
-  #pongHandler: ControlHandler;
+  // Handlers; undefined means gorilla's default, which lives on the
+  // prototype so that connections do not each hold closures for it.
+  #closeHandler: CloseHandler | undefined;
+  #pingHandler: ControlHandler | undefined;
+  #pongHandler: ControlHandler | undefined;
 
   /**
    * Wraps a transport on which the opening handshake is complete.
@@ -691,9 +704,6 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       );
     }
     this.#rview = this.#rbuf.subarray(0, this.#rend);
-    this.#closeHandler = this.#defaultCloseHandler;
-    this.#pingHandler = this.#defaultPingHandler;
-    this.#pongHandler = noop;
   }
 
   /** The subprotocol negotiated in the handshake, `""` when none. */
@@ -762,13 +772,25 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     if (this.#draining !== undefined) await this.#draining;
     this.#beginRead("read message", options?.signal);
     try {
-      if (!this.#messagePending) {
+      while (!this.#messagePending) {
         const fast = this.#tryWholeMessage();
         if (fast !== undefined) {
           // More frames wait in the buffer: answers to them can share a write.
           this.#burst = this.#rpos < this.#rend;
           return fast;
         }
+        // An idle connection waits right here, so that all it holds while
+        // idle is this one suspended call and its read (issue 7, S6).
+        if (this.#rpos !== this.#rend) break;
+        const space = this.#prepareFill(MAX_HEADER_LENGTH);
+        let n: number | null;
+        try {
+          n = await this.#startRead(space);
+        } catch (error) {
+          throw this.#readError(error);
+        }
+        if (n === null) throw unexpectedEOF();
+        this.#commitFill(space, n);
       }
       await this.#startMessage();
       const type = this.#messageType;
@@ -891,22 +913,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    *
    * @returns An async iterator of messages.
    */
-  async *[Symbol.asyncIterator](): AsyncIterator<Message> {
-    while (true) {
-      try {
-        yield await this.readMessage();
-      } catch (error) {
-        if (
-          isCloseError(
-            error,
-            CLOSE_CODE.NormalClosure,
-            CLOSE_CODE.GoingAway,
-            CLOSE_CODE.NoStatusReceived,
-          )
-        ) return;
-        throw error;
-      }
-    }
+  [Symbol.asyncIterator](): AsyncIterator<Message> {
+    return new MessageIterator(this);
   }
 
   /**
@@ -1308,7 +1316,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * ```
    */
   setCloseHandler(handler: CloseHandler | null): void {
-    this.#closeHandler = handler ?? this.#defaultCloseHandler;
+    this.#closeHandler = handler ?? undefined;
   }
 
   /**
@@ -1317,7 +1325,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @returns The close handler.
    */
   closeHandler(): CloseHandler {
-    return this.#closeHandler;
+    return this.#closeHandler ??
+      ((code: number) => this.#defaultCloseHandler(code));
   }
 
   /**
@@ -1327,7 +1336,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @param handler The handler, or `null`.
    */
   setPingHandler(handler: ControlHandler | null): void {
-    this.#pingHandler = handler ?? this.#defaultPingHandler;
+    this.#pingHandler = handler ?? undefined;
   }
 
   /**
@@ -1336,7 +1345,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @returns The ping handler.
    */
   pingHandler(): ControlHandler {
-    return this.#pingHandler;
+    return this.#pingHandler ??
+      ((data: Uint8Array) => this.#defaultPingHandler(data));
   }
 
   /**
@@ -1346,7 +1356,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @param handler The handler, or `null`.
    */
   setPongHandler(handler: ControlHandler | null): void {
-    this.#pongHandler = handler ?? noop;
+    this.#pongHandler = handler ?? undefined;
   }
 
   /**
@@ -1355,19 +1365,21 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @returns The pong handler.
    */
   pongHandler(): ControlHandler {
-    return this.#pongHandler;
+    return this.#pongHandler ?? noop;
   }
 
-  #defaultCloseHandler: CloseHandler = (code) => {
+  /** gorilla's default: echo the close code with no reason. */
+  #defaultCloseHandler(code: number): Promise<void> | undefined {
     if (this.#closeSent || this.#writeErr !== undefined) return;
     return this.writeControl(MESSAGE_TYPE.Close, formatCloseMessage(code))
       .catch(noop);
-  };
+  }
 
-  #defaultPingHandler: ControlHandler = (data) => {
+  /** gorilla's default: answer with a pong carrying the same payload. */
+  #defaultPingHandler(data: Uint8Array): Promise<void> | undefined {
     if (this.#closeSent || this.#writeErr !== undefined) return;
     return this.writeControl(MESSAGE_TYPE.Pong, data).catch(noop);
-  };
+  }
 
   // =========================================================== closing
 
@@ -1535,7 +1547,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    */
   #tryWholeMessage(): Message | undefined {
     const buf = this.#rview;
-    const h = parseHeader(buf, this.#rpos, this.#header);
+    const h = parseHeader(buf, this.#rpos, header);
     if (h === null || !h.fin || (h.opcode !== 1 && h.opcode !== 2)) {
       return undefined;
     }
@@ -1577,10 +1589,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    */
   async #nextDataFrame(): Promise<void> {
     while (true) {
-      let h = parseHeader(this.#rview, this.#rpos, this.#header);
+      let h = parseHeader(this.#rview, this.#rpos, header);
       while (h === null) {
         await this.#fill(MAX_HEADER_LENGTH);
-        h = parseHeader(this.#rview, this.#rpos, this.#header);
+        h = parseHeader(this.#rview, this.#rpos, header);
       }
       const problem = this.#headerProblem(h);
       if (problem !== undefined) {
@@ -1588,7 +1600,11 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       }
       if (h.opcode >= 8) {
         const total = h.headerLength + h.length;
-        while (this.#rend - this.#rpos < total) await this.#fill(total);
+        if (this.#rend - this.#rpos < total) {
+          // Parsed again after the wait: the shared header may change.
+          await this.#fill(total);
+          continue;
+        }
         const start = this.#rpos + h.headerLength;
         const payload = this.#rbuf.slice(start, start + h.length);
         this.#rpos += total;
@@ -1613,7 +1629,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#frameFin = h.fin;
       this.#messageOpen = !h.fin;
       this.#frameMasked = h.masked;
-      if (h.masked) this.#frameKey.set(h.maskKey);
+      if (h.masked) (this.#frameKey ??= new Uint8Array(4)).set(h.maskKey);
       this.#maskPos = 0;
       if (length === 0 && this.#validating && h.fin) {
         this.#checkUtf8(new Uint8Array(0));
@@ -1667,10 +1683,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   async #handleControl(opcode: number, payload: Uint8Array): Promise<void> {
     if (opcode === OPCODE.Ping) {
-      const result = this.#pingHandler(payload);
+      const result = this.#pingHandler
+        ? this.#pingHandler(payload)
+        : this.#defaultPingHandler(payload);
       if (result) await result;
     } else if (opcode === OPCODE.Pong) {
-      const result = this.#pongHandler(payload);
+      const result = this.#pongHandler?.(payload);
       if (result) await result;
     } else {
       const { code, reason } = parseClosePayload(payload);
@@ -1683,7 +1701,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       // close the TCP connection. A close sent by the handler below does
       // the same from writeControl().
       if (this.#closeSent) this.#closeAfterFlush();
-      const result = this.#closeHandler(code, reason);
+      const result = this.#closeHandler
+        ? this.#closeHandler(code, reason)
+        : this.#defaultCloseHandler(code);
       if (result) await result;
       throw closeError;
     }
@@ -1693,7 +1713,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #consume(chunk: Uint8Array): void {
     this.#remaining -= chunk.length;
     if (this.#frameMasked) {
-      this.#maskPos = maskInPlace(chunk, this.#frameKey, this.#maskPos);
+      this.#maskPos = maskInPlace(chunk, this.#frameKey!, this.#maskPos);
     }
     if (this.#validating) this.#checkUtf8(chunk);
   }
@@ -1787,6 +1807,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * the next one full size, and a short read makes it small again.
    */
   async #fill(need: number): Promise<void> {
+    const space = this.#prepareFill(need);
+    this.#commitFill(space, await this.#transportRead(space));
+  }
+
+  /** The synchronous first half of {@linkcode Conn.#fill}: where to read. */
+  #prepareFill(need: number): Uint8Array {
     if (this.#burst) this.#uncork();
     const pending = this.#rend - this.#rpos;
     const size = Math.max(
@@ -1810,40 +1836,55 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#rpos = 0;
       this.#rend = pending;
     }
-    const space = buf.subarray(this.#rend);
-    const n = await this.#transportRead(space);
+    if (pending === 0) this.#rview = EMPTY;
+    return this.#rend === 0 ? buf : buf.subarray(this.#rend);
+  }
+
+  /** The second half of {@linkcode Conn.#fill}: `n` bytes arrived in `space`. */
+  #commitFill(space: Uint8Array, n: number): void {
     this.#rend += n;
-    this.#rview = buf.subarray(0, this.#rend);
+    this.#rview = this.#rbuf.subarray(0, this.#rend);
     if (n === space.length) this.#bigReads = true;
     else if (n < IDLE_READ_SIZE / 2) this.#bigReads = false;
   }
 
-  /** One transport read, bounded by the read deadline and signal. */
+  /**
+   * Starts one transport read, bounded by the read deadline and signal.
+   * Not an async function: the idle wait in readMessage() awaits it
+   * directly, so an idle connection keeps no extra suspended frames.
+   */
+  #startRead(buffer: Uint8Array): Promise<number | null> {
+    const read = this.#transport.read(buffer);
+    return this.#readDeadline === 0 && this.#readSignal === undefined
+      ? read
+      : race(read, this.#readDeadline, this.#readSignal, "read");
+  }
+
+  /** One transport read; EOF and transport failures become errors. */
   async #transportRead(buffer: Uint8Array): Promise<number> {
     let n: number | null;
     try {
-      const read = this.#transport.read(buffer);
-      n = this.#readDeadline === 0 && this.#readSignal === undefined
-        ? await read
-        : await race(read, this.#readDeadline, this.#readSignal, "read");
+      n = await this.#startRead(buffer);
     } catch (error) {
-      if (
-        error instanceof Deno.errors.TimedOut ||
-        isAbort(error, this.#readSignal)
-      ) {
-        throw error;
-      }
-      if (this.#closed) throw this.#readErr;
-      throw new CloseError(
-        CLOSE_CODE.AbnormalClosure,
-        `transport read failed: ${(error as Error)?.message ?? error}`,
-        { cause: error },
-      );
+      throw this.#readError(error);
     }
-    if (n === null) {
-      throw new CloseError(CLOSE_CODE.AbnormalClosure, "unexpected EOF");
-    }
+    if (n === null) throw unexpectedEOF();
     return n;
+  }
+
+  /** Maps a failed transport read to what the read rejects with. */
+  #readError(error: unknown): unknown {
+    if (
+      error instanceof Deno.errors.TimedOut || isAbort(error, this.#readSignal)
+    ) {
+      return error;
+    }
+    if (this.#closed) return this.#readErr;
+    return new CloseError(
+      CLOSE_CODE.AbnormalClosure,
+      `transport read failed: ${(error as Error)?.message ?? error}`,
+      { cause: error },
+    );
   }
 
   /**
@@ -1952,7 +1993,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     const length = payload.length;
     // The key is used up before #append returns, so one per connection
     // serves every frame.
-    const key = this.#client ? nextMaskKey(this.#maskKey) : undefined;
+    const key = this.#client
+      ? nextMaskKey(this.#maskKey ??= new Uint8Array(4))
+      : undefined;
     const size = headerLength(length, this.#client) + length;
     let byReference = false;
     if (length < COPY_LIMIT) {
@@ -2013,10 +2056,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    */
   #cork(): void {
     if (this.#uncorkTimer !== undefined) return;
-    this.#uncorkTimer = setTimeout(this.#uncorkNow, 0);
+    this.#uncorkTimer = setTimeout(() => this.#uncork(), 0);
   }
-
-  #uncorkNow = (): void => this.#uncork();
 
   /** Starts writing whatever is queued (see {@linkcode Conn.#cork}). */
   #uncork(): void {
@@ -2170,6 +2211,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   }
 }
 
+function unexpectedEOF(): CloseError {
+  return new CloseError(CLOSE_CODE.AbnormalClosure, "unexpected EOF");
+}
+
 function invalidUtf8(): ProtocolError {
   return new ProtocolError(
     "Invalid text message: the payload is not valid UTF-8",
@@ -2234,6 +2279,41 @@ function race<T>(
       reject(error);
     });
   });
+}
+
+/** Settles an iteration step from a read message. */
+function nextResult(value: Message): IteratorResult<Message> {
+  return { value, done: false };
+}
+
+/** Ends the iteration on a normal close; anything else is thrown. */
+function endOnNormalClose(error: unknown): IteratorResult<Message> {
+  if (
+    isCloseError(
+      error,
+      CLOSE_CODE.NormalClosure,
+      CLOSE_CODE.GoingAway,
+      CLOSE_CODE.NoStatusReceived,
+    )
+  ) return { value: undefined, done: true };
+  throw error;
+}
+
+/**
+ * The iterator behind `for await (const message of conn)`: a plain object
+ * rather than an async generator, which would keep a suspended frame per
+ * idle connection.
+ */
+class MessageIterator implements AsyncIterator<Message> {
+  #conn: Conn;
+
+  constructor(conn: Conn) {
+    this.#conn = conn;
+  }
+
+  next(): Promise<IteratorResult<Message>> {
+    return this.#conn.readMessage().then(nextResult, endOnNormalClose);
+  }
 }
 
 /** The streaming writer behind {@linkcode Conn.nextWriter}. */
