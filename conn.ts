@@ -151,6 +151,16 @@ export interface MessageWriter extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+/** Options of {@linkcode Conn.writeMessage}. */
+export interface WriteOptions {
+  /**
+   * Aborts the wait for room in the queue or for the socket. The frame may
+   * already be queued, so an aborted write leaves the write side failed:
+   * every later write rejects with the same reason.
+   */
+  signal?: AbortSignal;
+}
+
 /** Options of {@linkcode Conn.writeControl}. */
 export interface WriteControlOptions {
   /** Gives up (and fails the write side) when the frame is not sent by then. */
@@ -379,6 +389,8 @@ const QUEUE_LIMIT = 4 * HIGH_WATER;
 const COPY_LIMIT = 4096;
 /** Largest piece a message payload is allocated in before it arrives. */
 const MAX_CHUNK = 16 * 1024 * 1024;
+/** First piece of a message payload allocated before its bytes arrive. */
+const FIRST_CHUNK = 64 * 1024;
 /** How long a failed connection waits for its close frame to be written. */
 const FAIL_CLOSE_TIMEOUT = 1000;
 
@@ -794,14 +806,17 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       }
       await this.#startMessage();
       const type = this.#messageType;
-      // Payload is allocated as it arrives, in pieces of at most
-      // MAX_CHUNK, so a header that merely claims a huge length costs
-      // nothing until the bytes really come.
+      // Payload is allocated as it arrives, in pieces that start at
+      // FIRST_CHUNK and grow with what was received (up to MAX_CHUNK), so
+      // a header that merely claims a huge length costs little until the
+      // bytes really come.
       const chunks: Uint8Array[] = [];
       let total = 0;
       while (true) {
         while (this.#remaining > 0) {
-          const chunk = new Uint8Array(Math.min(this.#remaining, MAX_CHUNK));
+          const chunk = new Uint8Array(
+            Math.min(this.#remaining, Math.max(FIRST_CHUNK, total), MAX_CHUNK),
+          );
           await this.#readPayloadInto(chunk);
           chunks.push(chunk);
           total += chunk.length;
@@ -986,6 +1001,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    *
    * @param type The message type.
    * @param data The payload, or a string sent as its UTF-8.
+   * @param options An abort signal for the wait.
    * @throws {TypeError} The type is not a message type or data is not bytes
    * or a string.
    * @throws {CloseSentError} A close frame was already sent.
@@ -1009,7 +1025,13 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * server.close();
    * ```
    */
-  writeMessage(type: MessageType, data: Uint8Array | string): Promise<void> {
+  writeMessage(
+    type: MessageType,
+    data: Uint8Array | string,
+    options?: WriteOptions,
+  ): Promise<void> {
+    const signal = options?.signal;
+    if (signal?.aborted) return Promise.reject(signal.reason);
     if (!isDataType(type)) {
       if (isControlType(type)) return this.writeControl(type, data);
       return Promise.reject(
@@ -1024,10 +1046,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     }
     const blocked = this.#writeBlocked("write message");
     if (blocked !== undefined) return Promise.reject(blocked);
-    if (this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT) {
-      return this.#append(0x80 | type, bytes, false);
-    }
-    return this.#writeLocked(0x80 | type, bytes);
+    const written = this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT
+      ? this.#append(0x80 | type, bytes, false)
+      : this.#writeLocked(0x80 | type, bytes);
+    return signal === undefined ? written : this.#bounded(written, 0, signal);
   }
 
   /**
@@ -1156,7 +1178,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#closeAfterFlush();
     }
     if (deadline === 0) return written;
-    return this.#withDeadline(written, deadline);
+    return this.#bounded(written, deadline, undefined);
   }
 
   /**
@@ -2187,10 +2209,19 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     }
   }
 
-  /** Races a queued write against a deadline; a miss fails the write side. */
-  #withDeadline(written: Promise<void>, deadline: number): Promise<void> {
-    return race(written, deadline, undefined, "write").catch((error) => {
+  /**
+   * Races a queued write against a deadline and a signal. The frame stays
+   * queued, so giving up fails the write side for good, as a write deadline
+   * does.
+   */
+  #bounded(
+    written: Promise<void>,
+    deadline: number,
+    signal: AbortSignal | undefined,
+  ): Promise<void> {
+    return race(written, deadline, signal, "write").catch((error) => {
       if (error instanceof Deno.errors.TimedOut) this.#failWrite(error);
+      else if (isAbort(error, signal)) this.#writeErr ??= error;
       throw error;
     });
   }

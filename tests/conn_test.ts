@@ -1359,3 +1359,49 @@ Deno.test("partial transport writes are completed in order", async () => {
   server.close();
   client.close();
 });
+
+Deno.test("writeMessage({ signal }) gives up a write the peer does not take, sticky", async () => {
+  const { conn, remote } = rawPeer("server", { capacity: 1024 });
+  const controller = new AbortController();
+  const writing = conn.writeMessage(
+    MESSAGE_TYPE.Binary,
+    new Uint8Array(1 << 20),
+    {
+      signal: controller.signal,
+    },
+  );
+  const reason = new Error("give up");
+  controller.abort(reason);
+  await assert.rejects(writing, (e) => e === reason);
+  await assert.rejects(
+    conn.writeMessage(MESSAGE_TYPE.Text, "x"),
+    (e) => e === reason,
+  );
+  // An already aborted signal rejects before anything is queued.
+  const fresh = rawPeer("server");
+  await assert.rejects(
+    fresh.conn.writeMessage(MESSAGE_TYPE.Text, "x", {
+      signal: AbortSignal.abort(reason),
+    }),
+    (e) => e === reason,
+  );
+  await fresh.conn.writeMessage(MESSAGE_TYPE.Text, "still fine");
+  assert.equal(
+    new TextDecoder().decode((await fresh.reader.next())!.payload),
+    "still fine",
+  );
+  for (const c of [conn, fresh.conn]) c.close();
+  remote.close();
+  fresh.remote.close();
+});
+
+Deno.test("a header that claims a huge length costs little until the bytes come", async () => {
+  const { conn, send, remote } = rawPeer("server");
+  await send({ opcode: OP.binary, declaredLength: 1n << 40n });
+  const reading = conn.readMessage();
+  await send({ opcode: OP.cont }); // garbage payload bytes, not a frame
+  remote.end();
+  await assert.rejects(reading, (e) => isCloseError(e, 1006));
+  // Reaching this point at all shows no terabyte was allocated.
+  remote.close();
+});
