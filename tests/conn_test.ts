@@ -1405,3 +1405,28 @@ Deno.test("a header that claims a huge length costs little until the bytes come"
   // Reaching this point at all shows no terabyte was allocated.
   remote.close();
 });
+
+Deno.test("messages handed out as views are never overwritten by later reads", async () => {
+  for (const delivery of ["whole", { seed: 12, maxChunk: 700 }] as Delivery[]) {
+    const { conn, send, remote } = rawPeer("server", { delivery });
+    const sent = Array.from(
+      { length: 400 },
+      (_, i) => pattern(1 + (i * 37) % 300, i),
+    );
+    const kept: Uint8Array[] = [];
+    for (let i = 0; i < sent.length; i += 50) {
+      await send(
+        ...sent.slice(i, i + 50).map((payload) => ({
+          opcode: OP.binary,
+          payload,
+        })),
+      );
+      for (let j = 0; j < 50; j++) kept.push((await conn.readMessage()).data);
+    }
+    for (let i = 0; i < sent.length; i++) {
+      assert.deepEqual(kept[i], sent[i], `message ${i}`);
+    }
+    conn.close();
+    remote.close();
+  }
+});
