@@ -31,6 +31,29 @@ class Sessions {
   }
 }
 
+/**
+ * Rejects when `promise` has not settled within `ms`, so a server that hangs
+ * fails the test instead of hanging the suite.
+ */
+async function within<T>(
+  promise: Promise<T>,
+  what: string,
+  ms = 10_000,
+): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error(`Timed out after ${ms} ms waiting for ${what}`)),
+      ms,
+    );
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** A browser-like client: Deno's built-in WebSocket with a message queue. */
 class Client {
   readonly ws: WebSocket;
@@ -52,11 +75,18 @@ class Client {
 
   static async connect(url: string): Promise<Client> {
     const client = new Client(new WebSocket(url));
-    await new Promise<void>((resolve, reject) => {
+    const open = new Promise<void>((resolve, reject) => {
       client.ws.onopen = () => resolve();
       client.ws.onerror = () =>
         reject(new Error(`Cannot connect to ${url}: the handshake failed`));
     });
+    try {
+      await within(open, `the handshake with ${url}`);
+    } catch (error) {
+      client.ws.close();
+      await client.closed;
+      throw error;
+    }
     return client;
   }
 
@@ -64,12 +94,15 @@ class Client {
   next(): Promise<string | ArrayBuffer> {
     const queued = this.#messages.shift();
     if (queued !== undefined) return Promise.resolve(queued);
-    return Promise.race([
-      new Promise<string | ArrayBuffer>((resolve) => this.#waiting = resolve),
-      this.closed.then((event) => {
-        throw new Error(`Connection closed (${event.code}) before a message`);
-      }),
-    ]);
+    return within(
+      Promise.race([
+        new Promise<string | ArrayBuffer>((resolve) => this.#waiting = resolve),
+        this.closed.then((event) => {
+          throw new Error(`Connection closed (${event.code}) before a message`);
+        }),
+      ]),
+      "a message",
+    );
   }
 
   async nextText(): Promise<string> {
@@ -80,7 +113,7 @@ class Client {
 
   async close(): Promise<CloseEvent> {
     this.ws.close();
-    return await this.closed;
+    return await within(this.closed, "the closing handshake");
   }
 }
 
@@ -161,6 +194,55 @@ async function until(condition: () => boolean, ms = 10_000): Promise<void> {
 function bytesOf(message: string | ArrayBuffer): Uint8Array {
   assert.ok(message instanceof ArrayBuffer, "expected a binary message");
   return new Uint8Array(message);
+}
+
+/** The example tasks of deno.json, e.g. `deno run --allow-net ... server.ts`. */
+const TASKS: Record<string, string> = JSON.parse(
+  await Deno.readTextFile(new URL("../deno.json", import.meta.url)),
+).tasks;
+
+/**
+ * Runs an example program the way its `deno task` does (same permissions),
+ * on port 0, and waits for the URL it prints.
+ */
+async function runTask(name: string, args: string[]) {
+  const [deno, ...taskArgs] = TASKS[name].split(" ");
+  assert.equal(deno, "deno");
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [...taskArgs, "--port", "0", ...args],
+    cwd: new URL("..", import.meta.url),
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  let url: URL | undefined;
+  while (url === undefined) {
+    const { value, done } = await stdout.read();
+    if (done) {
+      await stdout.cancel();
+      const status = await child.status;
+      assert.fail(
+        `${name} exited (${status.code}) before printing its URL: ${await stderr}`,
+      );
+    }
+    printed += value;
+    const match = /\b(?:http|ws):\/\/\S+/.exec(printed);
+    if (match !== null) url = new URL(match[0]);
+  }
+  return {
+    url,
+    printed,
+    /** Stops the program (SIGTERM) and returns what it wrote to stderr. */
+    async stop(): Promise<string> {
+      child.kill("SIGTERM");
+      await stdout.cancel();
+      await child.status;
+      return await stderr;
+    },
+  };
 }
 
 // echo
@@ -538,4 +620,68 @@ Deno.test("autobahn client runs every case of a fuzzing server, then updates the
     "/updateReports tester",
   ]);
   await fuzzer.shutdown();
+});
+
+// the programs, as their deno tasks run them
+
+Deno.test("deno task echo starts the echo server and prints its URL", async () => {
+  const program = await runTask("echo", []);
+  assert.match(program.printed, /^Echo server on http:\/\/127\.0\.0\.1:\d+\//);
+  const client = await Client.connect(`ws://${program.url.host}/`);
+  client.ws.send("from the command line");
+  assert.equal(await client.next(), "from the command line");
+  await client.close();
+  assert.equal(await program.stop(), "");
+});
+
+Deno.test("deno task chat starts the chat server and prints its URL", async () => {
+  const program = await runTask("chat", []);
+  const client = await Client.connect(`ws://${program.url.host}/ws`);
+  client.ws.send("anyone?");
+  assert.equal(await client.next(), "anyone?");
+  await client.close();
+  assert.equal(await program.stop(), "");
+});
+
+Deno.test("deno task command runs the given command for each connection", async () => {
+  const program = await runTask("command", ["--", "cat"]);
+  assert.match(program.printed, /Running "cat"/);
+  const client = await Client.connect(`ws://${program.url.host}/ws`);
+  client.ws.send("meow");
+  assert.equal(await client.next(), "meow");
+  await client.close();
+  await program.stop();
+});
+
+Deno.test("deno task command runs a Deno REPL when given no command", async () => {
+  const program = await runTask("command", []);
+  const client = await Client.connect(`ws://${program.url.host}/ws`);
+  client.ws.send("6 * 7");
+  let line;
+  do line = await client.next(); while (line !== "42");
+  await client.close();
+  await program.stop();
+});
+
+Deno.test("deno task filewatch pushes the named file", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.writeTextFile(path, "watched");
+  const program = await runTask("filewatch", [path]);
+  const client = await Client.connect(`ws://${program.url.host}/ws`);
+  assert.deepEqual(JSON.parse(await client.nextText()), {
+    name: path,
+    contents: "watched",
+  });
+  await client.close();
+  assert.equal(await program.stop(), "");
+  await Deno.remove(path);
+});
+
+Deno.test("deno task autobahn starts the testee server", async () => {
+  const program = await runTask("autobahn", []);
+  const client = await Client.connect(`ws://${program.url.host}/p`);
+  client.ws.send("prepared");
+  assert.equal(await client.next(), "prepared");
+  await client.close();
+  assert.equal(await program.stop(), "");
 });

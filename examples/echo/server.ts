@@ -76,7 +76,9 @@ export function createHandler(
   return async (request) => {
     if (isWebSocketUpgrade(request)) {
       const conn = await upgrader.upgrade(request);
-      options.onConnection?.(conn, echo(conn));
+      // Started before the hook: `?.()` would skip evaluating its arguments.
+      const done = echo(conn);
+      options.onConnection?.(conn, done);
       return;
     }
     const { pathname } = new URL(request.url);

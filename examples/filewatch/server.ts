@@ -174,7 +174,9 @@ export function createHandler(
     const { pathname } = new URL(request.url);
     if (pathname === "/ws") {
       const conn = await upgrader.upgrade(request);
-      options.onConnection?.(conn, watch(conn, options));
+      // Started before the hook: `?.()` would skip evaluating its arguments.
+      const done = watch(conn, options);
+      options.onConnection?.(conn, done);
       return;
     }
     if (pathname !== "/") return new Response("Not found\n", { status: 404 });
