@@ -101,7 +101,10 @@ const decoder = new TextDecoder();
 export class Hub {
   #clients = new Set<Client>();
 
-  /** The number of clients connected now. */
+  /**
+   * The number of clients receiving broadcasts: a dropped client no longer
+   * counts, even while its connection is still closing.
+   */
   get size(): number {
     return this.#clients.size;
   }
