@@ -63,6 +63,30 @@ export {
 /**
  * The byte stream a {@linkcode Conn} runs over. `Deno.Conn` and
  * `Deno.TlsConn` satisfy it as they are.
+ *
+ * @example A transport that counts the bytes written
+ * ```ts title="Wrapping a Deno.Conn"
+ * import { Conn, MESSAGE_TYPE, type Transport } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * let written = 0;
+ * const counting: Transport = {
+ *   read: (buffer) => socket.read(buffer),
+ *   write: async (data) => (written += await socket.write(data), data.length),
+ *   close: () => socket.close(),
+ * };
+ * const conn = new Conn(counting, { role: "server" });
+ * await conn.writeMessage(MESSAGE_TYPE.Text, "hi");
+ * await conn.writeControl(MESSAGE_TYPE.Ping);
+ * assert.equal(written, 6);
+ * conn.close();
+ * peer.close();
+ * ```
  */
 export interface Transport {
   /** Reads into `buffer`; resolves the count, or `null` at EOF. */
@@ -80,6 +104,26 @@ export interface Transport {
 /**
  * A pool of write buffers shared by many connections, so that idle
  * connections hold none (gorilla's `WriteBufferPool`).
+ *
+ * @example A simple shared pool
+ * ```ts title="Sharing write buffers"
+ * import { type BufferPool, Conn, MESSAGE_TYPE } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const free: Uint8Array[] = [];
+ * const pool: BufferPool = { get: () => free.pop(), put: (b) => free.push(b) };
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const conn = new Conn(socket, { role: "server", writeBufferPool: pool });
+ * await conn.writeControl(MESSAGE_TYPE.Ping);
+ * assert.equal(free.length, 1); // the buffer went back once written
+ * conn.close();
+ * peer.close();
+ * ```
  */
 export interface BufferPool {
   /** Returns a buffer, or `undefined` when the pool is empty. */
@@ -88,7 +132,31 @@ export interface BufferPool {
   put(buffer: Uint8Array): void;
 }
 
-/** Options of the {@linkcode Conn} constructor. */
+/**
+ * Options of the {@linkcode Conn} constructor.
+ *
+ * @example A client with bigger buffers
+ * ```ts title="Connection options"
+ * import { Conn, type ConnOptions } from "./conn.ts";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const options: ConnOptions = {
+ *   role: "client",
+ *   subprotocol: "chat",
+ *   readBufferSize: 16384,
+ *   writeBufferSize: 16384,
+ * };
+ * const conn = new Conn(peer, options);
+ * assert.equal(conn.subprotocol, "chat");
+ * conn.close();
+ * socket.close();
+ * ```
+ */
 export interface ConnOptions {
   /**
    * `"server"` requires masked frames from the peer and sends unmasked

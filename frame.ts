@@ -34,7 +34,17 @@
 import { maskInPlace } from "./_mask.ts";
 import { Utf8Validator } from "./_utf8.ts";
 
-/** Frame opcodes (RFC 6455 section 5.2). */
+/**
+ * Frame opcodes (RFC 6455 section 5.2).
+ *
+ * @example Read the opcode of a frame
+ * ```ts title="Opcodes"
+ * import { OPCODE, parseHeader } from "./frame.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(parseHeader(new Uint8Array([0x89, 0x00]))!.opcode, OPCODE.Ping);
+ * ```
+ */
 export const OPCODE = {
   Continuation: 0x0,
   Text: 0x1,
@@ -50,6 +60,15 @@ export type Opcode = typeof OPCODE[keyof typeof OPCODE];
 /**
  * Message types, as gorilla/websocket numbers them (equal to the opcodes of
  * the frames that start them).
+ *
+ * @example Message types match opcodes
+ * ```ts title="Message types"
+ * import { MESSAGE_TYPE, OPCODE } from "./frame.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(MESSAGE_TYPE.Text, OPCODE.Text);
+ * assert.equal(MESSAGE_TYPE.Close, 8);
+ * ```
  */
 export const MESSAGE_TYPE = {
   /** A UTF-8 text data message. */
@@ -78,7 +97,18 @@ export type ControlMessageType =
   | typeof MESSAGE_TYPE.Ping
   | typeof MESSAGE_TYPE.Pong;
 
-/** Close status codes (RFC 6455 section 7.4.1 and the IANA registry). */
+/**
+ * Close status codes (RFC 6455 section 7.4.1 and the IANA registry).
+ *
+ * @example Close with "going away"
+ * ```ts title="Close codes"
+ * import { CLOSE_CODE, formatCloseMessage } from "./frame.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const payload = formatCloseMessage(CLOSE_CODE.GoingAway, "restart");
+ * assert.equal((payload[0] << 8) | payload[1], 1001);
+ * ```
+ */
 export const CLOSE_CODE = {
   NormalClosure: 1000,
   GoingAway: 1001,

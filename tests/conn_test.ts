@@ -873,7 +873,11 @@ Deno.test("writes reject with CloseSentError after a close frame was sent", asyn
   );
   await assert.rejects(writer.write(new Uint8Array(5000)), CloseSentError);
   await assert.rejects(writer.close(), CloseSentError);
-  // Pings and pongs may still go out (RFC 6455 section 5.5.1 only ends data).
+  // As in gorilla, every frame is refused once the close frame is out.
+  await assert.rejects(
+    conn.writeControl(MESSAGE_TYPE.Ping, ""),
+    CloseSentError,
+  );
   conn.close();
   remote.close();
 });
