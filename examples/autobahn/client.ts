@@ -15,8 +15,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { type Conn, isCloseError, MESSAGE_TYPE } from "../../conn.ts";
-import { Dialer } from "../../dialer.ts";
+import { type Conn, Dialer, isCloseError, MESSAGE_TYPE } from "../../mod.ts";
 import { exitWithUsage, withoutSeparator } from "../_cli.ts";
 
 /** Options for {@linkcode runSuite}. */

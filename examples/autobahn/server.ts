@@ -19,13 +19,15 @@
  *
  * @module
  */
-import { type Conn, isCloseError, PreparedMessage } from "../../conn.ts";
 import {
+  type Conn,
+  isCloseError,
+  PreparedMessage,
   serve,
   type ServeHandler,
   type Server,
   Upgrader,
-} from "../../upgrader.ts";
+} from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
 
 /**

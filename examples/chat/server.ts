@@ -27,13 +27,11 @@ import {
   isUnexpectedCloseError,
   MESSAGE_TYPE,
   PreparedMessage,
-} from "../../conn.ts";
-import {
   serve,
   type ServeHandler,
   type Server,
   Upgrader,
-} from "../../upgrader.ts";
+} from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
 
 /** Timing and size limits of a chat server; every field has gorilla's default. */

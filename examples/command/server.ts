@@ -17,14 +17,16 @@
  *
  * @module
  */
-import { CLOSE_CODE, type Conn, MESSAGE_TYPE } from "../../conn.ts";
-import { exitWithUsage, parsePort } from "../_cli.ts";
 import {
+  CLOSE_CODE,
+  type Conn,
+  MESSAGE_TYPE,
   serve,
   type ServeHandler,
   type Server,
   Upgrader,
-} from "../../upgrader.ts";
+} from "../../mod.ts";
+import { exitWithUsage, parsePort } from "../_cli.ts";
 
 /** What to run for each connection, and how long to wait for it. */
 export interface CommandOptions {

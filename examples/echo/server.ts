@@ -15,14 +15,15 @@
  *
  * @module
  */
-import { type Conn, isCloseError } from "../../conn.ts";
 import {
+  type Conn,
+  isCloseError,
   isWebSocketUpgrade,
   serve,
   type ServeHandler,
   type Server,
   Upgrader,
-} from "../../upgrader.ts";
+} from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
 
 /** Options for {@linkcode createHandler} and {@linkcode startServer}. */

@@ -15,13 +15,14 @@
  *
  * @module
  */
-import { type Conn, MESSAGE_TYPE } from "../../conn.ts";
 import {
+  type Conn,
+  MESSAGE_TYPE,
   serve,
   type ServeHandler,
   type Server,
   Upgrader,
-} from "../../upgrader.ts";
+} from "../../mod.ts";
 import { exitWithUsage, parseServerArgs } from "../_cli.ts";
 
 /** What to watch and how often. */
