@@ -1434,3 +1434,90 @@ Deno.test("messages handed out as views are never overwritten by later reads", a
     remote.close();
   }
 });
+
+// ------------------------------------------------------------ fuzzing
+
+/** Terminal events of a fuzz case and the error each must produce. */
+const FUZZ_ENDINGS: { frames: RawFrame[]; check: (e: unknown) => boolean }[] = [
+  { frames: [], check: (e) => isCloseError(e, 1006) }, // EOF
+  {
+    frames: [{ opcode: OP.close, payload: closePayload(1000, "ok") }],
+    check: (e) => isCloseError(e, 1000),
+  },
+  { frames: [{ opcode: OP.close }], check: (e) => isCloseError(e, 1005) },
+  ...VIOLATIONS.filter((v) => !v.role).map((v) => ({
+    frames: v.frames,
+    check: (e: unknown) => e instanceof ProtocolError && e.code === v.code,
+  })),
+];
+
+Deno.test("fuzz: random valid traffic then an ending delivers exactly the messages, then the right error", async () => {
+  let cases = 0;
+  for (let seed = 1; seed <= 1000; seed++) {
+    const random = prng(seed * 7919);
+    const pick = <T>(items: readonly T[]) =>
+      items[Math.floor(random() * items.length)];
+    const role = pick(ROLES);
+    const expected: { type: number; data: Uint8Array }[] = [];
+    const specs: RawFrame[] = [];
+    const control = () =>
+      pick<RawFrame>([
+        { opcode: OP.ping, payload: pattern(Math.floor(random() * 126), seed) },
+        { opcode: OP.pong, payload: pattern(Math.floor(random() * 10), seed) },
+      ]);
+    for (let m = Math.floor(random() * 5); m > 0; m--) {
+      const text = random() < 0.5;
+      const size = pick([0, 1, 125, 126, 127, 300, 65535, 65536]);
+      const data = text ? utf8(textOf(size)) : pattern(size, seed + m);
+      expected.push({ type: text ? 1 : 2, data });
+      // Cut anywhere, even inside a character: validity is per message.
+      const cuts = [
+        ...new Set([
+          0,
+          data.length,
+          ...Array.from(
+            { length: Math.floor(random() * 4) },
+            () => Math.floor(random() * data.length),
+          ),
+        ]),
+      ].sort((a, b) => a - b);
+      if (cuts.length === 1) cuts.push(0);
+      for (let i = 0; i + 1 < cuts.length; i++) {
+        if (i > 0 && random() < 0.3) specs.push(control());
+        specs.push({
+          opcode: i === 0 ? (text ? OP.text : OP.binary) : OP.cont,
+          fin: i + 2 === cuts.length,
+          payload: data.subarray(cuts[i], cuts[i + 1]),
+        });
+      }
+      if (random() < 0.2) specs.push(control());
+    }
+    const ending = pick(FUZZ_ENDINGS);
+    specs.push(...ending.frames);
+    const wire = frames(
+      ...specs.map((s) => ({ mask: role === "server", ...s })),
+    );
+    // One byte per read only for short traffic, to keep the run short.
+    const { conn, remote } = rawPeer(role, {
+      delivery: wire.length < 4000 && random() < 0.3
+        ? "byte"
+        : { seed, maxChunk: pick([3, 50, 2000, 70000]) },
+    });
+    // Answers (pongs, close echoes) are drained so writes never stall.
+    const draining = new FrameReader(remote).all();
+    const sending = remote.write(wire).then(() => remote.end(), () => {});
+    for (const message of expected) {
+      const got = await conn.readMessage();
+      assert.equal(got.type, message.type, `seed ${seed}`);
+      assert.deepEqual(got.data, message.data, `seed ${seed}`);
+    }
+    const error = await conn.readMessage().then(() => undefined, (e) => e);
+    assert.ok(ending.check(error), `seed ${seed}: ${error}`);
+    await sending;
+    conn.close();
+    remote.close();
+    await draining;
+    cases++;
+  }
+  assert.equal(cases, 1000);
+});
