@@ -37,6 +37,7 @@ import {
   formatCloseMessage,
   type FrameHeader,
   headerLength,
+  isValidCloseCode,
   MAX_CONTROL_PAYLOAD,
   MAX_HEADER_LENGTH,
   MESSAGE_TYPE,
@@ -1560,6 +1561,13 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     reason = "",
     options?: CloseGracefullyOptions,
   ): Promise<void> {
+    // RFC 6455 section 7.4: 1005, 1006 and 1015 are never sent; 1005 here
+    // means "no status", an empty close frame.
+    if (code !== CLOSE_CODE.NoStatusReceived && !isValidCloseCode(code)) {
+      throw new RangeError(
+        `Cannot close gracefully: close code ${code} may not be sent`,
+      );
+    }
     const payload = formatCloseMessage(code, reason);
     const timeout = options?.timeout ?? 5000;
     if (!Number.isFinite(timeout) || timeout < 0) {

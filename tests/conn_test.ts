@@ -1521,3 +1521,23 @@ Deno.test("fuzz: random valid traffic then an ending delivers exactly the messag
   }
   assert.equal(cases, 1000);
 });
+
+Deno.test("closeGracefully() throws RangeError for a code that may not be sent, sending nothing", async () => {
+  const { conn, reader, remote } = rawPeer("server");
+  assert.throws(
+    () => conn.closeGracefully(1006),
+    /close code 1006 may not be sent/,
+  );
+  assert.throws(() => conn.closeGracefully(1000, "x".repeat(124)), RangeError);
+  assert.throws(
+    () => conn.closeGracefully(1000, "", { timeout: -1 }),
+    RangeError,
+  );
+  // 1005 means "no status": an empty close frame.
+  await conn.closeGracefully(1005, "", { timeout: 10 });
+  const f = (await reader.next())!;
+  assert.equal(f.opcode, OP.close);
+  assert.equal(f.payload.length, 0);
+  assert.equal(await reader.next(), null);
+  remote.close();
+});
