@@ -2205,12 +2205,17 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#batchBuffers.push(buf);
     }
     buf = this.#spare;
-    this.#spare = undefined;
-    if (buf === undefined || buf.length < size) {
+    if (buf !== undefined && buf.length >= size) {
+      this.#spare = undefined;
+    } else {
       const pooled = this.#pool?.get();
-      buf = pooled !== undefined && pooled.length >= size
-        ? pooled
-        : new Uint8Array(Math.max(size, this.#writeBufferSize));
+      if (pooled !== undefined && pooled.length >= size) {
+        buf = pooled;
+      } else {
+        // Too small for this frame: the pooled buffer goes straight back.
+        if (pooled !== undefined) this.#pool!.put(pooled);
+        buf = new Uint8Array(Math.max(size, this.#writeBufferSize));
+      }
     }
     this.#wbuf = buf;
     this.#wstart = this.#wlen = 0;
