@@ -382,10 +382,26 @@ export function encodeHeader(
 }
 
 /**
- * Writes a header without validation; `b0` is the first byte (FIN, RSV,
- * opcode). `Conn` calls it on its hot path with values it built itself.
+ * Writes a header without validating anything: the fast path behind
+ * {@linkcode encodeHeader} for callers that built the values themselves, as
+ * `Conn` does for every frame it sends.
  *
- * @internal
+ * @param target Where to write; needs {@linkcode headerLength} bytes free.
+ * @param offset Where to start writing.
+ * @param b0 The first byte: FIN (0x80), RSV1-3 (0x40, 0x20, 0x10), opcode.
+ * @param length The payload length, a safe non-negative integer.
+ * @param maskKey The 4-byte masking key, or `undefined` for none.
+ * @returns The number of bytes written.
+ *
+ * @example Write a final text frame header
+ * ```ts title="Unchecked header encoding"
+ * import { writeHeader } from "./frame.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const target = new Uint8Array(2);
+ * assert.equal(writeHeader(target, 0, 0x81, 5, undefined), 2);
+ * assert.deepEqual([...target], [0x81, 5]);
+ * ```
  */
 export function writeHeader(
   target: Uint8Array,
