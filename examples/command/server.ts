@@ -131,7 +131,7 @@ export async function bridge(
     await conn.closeGracefully(
       CLOSE_CODE.InternalServerErr,
       "Cannot start the command",
-    ).catch(() => {});
+    );
     return undefined;
   }
 
@@ -192,9 +192,7 @@ export async function bridge(
     const reason = status.signal !== null
       ? `Process killed by ${status.signal}`
       : `Process exited with code ${status.code}`;
-    await conn.closeGracefully(CLOSE_CODE.NormalClosure, reason).catch(
-      () => {},
-    );
+    await conn.closeGracefully(CLOSE_CODE.NormalClosure, reason);
   }
   conn.close();
   await input;
