@@ -52,7 +52,7 @@ export class ServerProcess implements AsyncDisposable {
   ): Promise<ServerProcess> {
     const script = new URL("./echo_server.ts", import.meta.url).pathname;
     const command = [
-      `ulimit -n ${options.fileLimit ?? 1024} &&`,
+      fileLimitCommand(options.fileLimit),
       `exec "${Deno.execPath()}" run -A --v8-flags=--expose-gc`,
       `"${script}" '${JSON.stringify(options.config ?? {})}'`,
     ].join(" ");
@@ -128,7 +128,16 @@ export class ServerProcess implements AsyncDisposable {
   }
 }
 
-async function* readLines(stream: ReadableStream<Uint8Array>) {
+/**
+ * A bash prefix raising the soft open file limit to `limit`, or to the hard
+ * limit when that is lower (raising it needs no privilege up to there).
+ */
+export function fileLimitCommand(limit = 1024): string {
+  return `h=$(ulimit -Hn); if [ "$h" = unlimited ] || [ "$h" -ge ${limit} ]; ` +
+    `then ulimit -n ${limit}; else ulimit -n "$h"; fi &&`;
+}
+
+export async function* readLines(stream: ReadableStream<Uint8Array>) {
   let pending = "";
   for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
     pending += chunk;
