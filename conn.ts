@@ -244,6 +244,14 @@ export interface WriteControlOptions {
 export interface CloseGracefullyOptions {
   /** Milliseconds to wait for the peer's close frame (default 5000). */
   timeout?: number;
+  /**
+   * When the application has read a message and not yet come back for the
+   * next one, hold the close frame until it does (its answer goes out
+   * first), within `timeout`. For closing from outside the application's
+   * read loop, as a server shutdown does; never set it when calling from
+   * inside the loop, which would wait for itself. Default false.
+   */
+  afterCurrentMessage?: boolean;
 }
 
 /** Called with the code and reason of a received close frame. */
@@ -700,6 +708,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #readSignal: AbortSignal | undefined;
   #readErr: unknown;
   #readIdle: (() => void)[] = [];
+  /** Waiting for the application to start its next read. */
+  #readBegun: (() => void)[] = [];
+  /** The application read a message and has not started the next read. */
+  #handling = false;
   #draining: Promise<void> | undefined;
   #closeReceived = false;
   /** Counts messages begun, so a stale streaming reader can tell. */
@@ -866,6 +878,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         if (fast !== undefined) {
           // More frames wait in the buffer: answers to them can share a write.
           this.#burst = this.#rpos < this.#rend;
+          this.#handling = true;
           return fast;
         }
         // An idle connection waits right here, so that all it holds while
@@ -902,6 +915,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         await this.#nextDataFrame();
       }
       this.#messagePending = false;
+      this.#handling = true;
       if (chunks.length === 1) return { type, data: chunks[0] };
       const data = new Uint8Array(total);
       let offset = 0;
@@ -1521,6 +1535,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     }
     this.#rejectQueued(this.#writeErr);
     this.#wakeRoom();
+    wakeAll(this.#readBegun);
   }
 
   /**
@@ -1576,13 +1591,24 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       );
     }
     if (this.#closed) return RESOLVED;
-    return this.#closeGracefully(payload, timeout);
+    return this.#closeGracefully(
+      payload,
+      timeout,
+      options?.afterCurrentMessage ?? false,
+    );
   }
 
-  async #closeGracefully(payload: Uint8Array, timeout: number): Promise<void> {
+  async #closeGracefully(
+    payload: Uint8Array,
+    timeout: number,
+    afterCurrentMessage: boolean,
+  ): Promise<void> {
     const timer = setTimeout(() => this.close(), timeout);
     try {
-      if (!this.#closeSent && this.#writeErr === undefined) {
+      if (afterCurrentMessage && this.#handling && !this.#closed) {
+        await new Promise<void>((resolve) => this.#readBegun.push(resolve));
+      }
+      if (!this.#closed && !this.#closeSent && this.#writeErr === undefined) {
         await this.writeControl(MESSAGE_TYPE.Close, payload).catch(noop);
       }
       while (!this.#closed && this.#readErr === undefined) {
@@ -1627,9 +1653,18 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   // ======================================================= read engine
 
-  #beginRead(action: string, signal: AbortSignal | undefined): void {
+  #beginRead(
+    action: string,
+    signal: AbortSignal | undefined,
+    nextMessage = true,
+  ): void {
     if (this.#reading) {
       throw new TypeError(`Cannot ${action}: another read is in progress`);
+    }
+    if (nextMessage && this.#handling) {
+      // The application is done with the message it read.
+      this.#handling = false;
+      wakeAll(this.#readBegun);
     }
     if (this.#readErr !== undefined) throw this.#readErr;
     if (signal?.aborted) throw signal.reason;
@@ -1640,11 +1675,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #endRead(): void {
     this.#reading = false;
     this.#readSignal = undefined;
-    if (this.#readIdle.length > 0) {
-      const waiters = this.#readIdle;
-      this.#readIdle = [];
-      for (const wake of waiters) wake();
-    }
+    wakeAll(this.#readIdle);
   }
 
   /**
@@ -1876,7 +1907,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       }
       return null;
     }
-    this.#beginRead("read message", undefined);
+    this.#beginRead("read message", undefined, false);
     try {
       while (this.#remaining === 0) {
         if (this.#frameFin) {
@@ -2348,6 +2379,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     };
     pending.promise.then(finish, finish);
   }
+}
+
+/** Wakes and forgets every waiter of a list. */
+function wakeAll(waiters: (() => void)[]): void {
+  if (waiters.length === 0) return;
+  for (const wake of waiters.splice(0)) wake();
 }
 
 function unexpectedEOF(): CloseError {

@@ -1541,3 +1541,38 @@ Deno.test("closeGracefully() throws RangeError for a code that may not be sent, 
   assert.equal(await reader.next(), null);
   remote.close();
 });
+
+Deno.test("closeGracefully({ afterCurrentMessage }) lets the answer to a message being handled go first", async () => {
+  const { server, client } = connPair();
+  await client.writeMessage(MESSAGE_TYPE.Text, "question");
+  const app = (async () => {
+    const { data } = await server.readMessage();
+    await new Promise((resolve) => setTimeout(resolve, 30)); // handling it
+    await server.writeMessage(MESSAGE_TYPE.Text, data);
+    return await server.readMessage().catch((e) => e);
+  })();
+  // Closing from outside the loop while the message is being handled.
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  const closing = server.closeGracefully(1001, "", {
+    timeout: 2000,
+    afterCurrentMessage: true,
+  });
+  const answer = await client.readMessage();
+  assert.equal(new TextDecoder().decode(answer.data), "question");
+  await assert.rejects(client.readMessage(), (e) => isCloseError(e, 1001));
+  await closing;
+  assert.ok(isCloseError(await app, 1001));
+  assert.equal(server.closed && client.closed, true);
+});
+
+Deno.test("closeGracefully({ afterCurrentMessage }) closes at once when the application is waiting to read", async () => {
+  const { server, client } = connPair();
+  const reading = server.readMessage().catch((e) => e);
+  const clientReading = client.readMessage().catch((e) => e);
+  await server.closeGracefully(1001, "", {
+    timeout: 2000,
+    afterCurrentMessage: true,
+  });
+  assert.ok(isCloseError(await clientReading, 1001));
+  assert.ok(isCloseError(await reading, 1001));
+});
