@@ -899,13 +899,16 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       // Payload is allocated as it arrives, in pieces that start at
       // FIRST_CHUNK and grow with what was received (up to MAX_CHUNK), so
       // a header that merely claims a huge length costs little until the
-      // bytes really come.
+      // bytes really come. Under a read limit the application accepted
+      // messages of that size, so a frame within it is allocated at once
+      // (and a single-frame message is returned without a copy).
       const chunks: Uint8Array[] = [];
       let total = 0;
+      const atOnce = Math.max(FIRST_CHUNK, this.#readLimit);
       while (true) {
         while (this.#remaining > 0) {
           const chunk = new Uint8Array(
-            Math.min(this.#remaining, Math.max(FIRST_CHUNK, total), MAX_CHUNK),
+            Math.min(this.#remaining, Math.max(atOnce, total), MAX_CHUNK),
           );
           await this.#readPayloadInto(chunk);
           chunks.push(chunk);
