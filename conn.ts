@@ -877,7 +877,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         const fast = this.#tryWholeMessage();
         if (fast !== undefined) {
           // More frames wait in the buffer: answers to them can share a write.
-          this.#burst = this.#rpos < this.#rend;
+          this.#burst = this.#wholeFrameBuffered();
           this.#handling = true;
           return fast;
         }
@@ -1710,6 +1710,18 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     // and never overwritten (see #prepareFill).
     this.#lent = true;
     return { type: h.opcode, data: payload };
+  }
+
+  /** Whether a whole frame waits in the buffer (never throws). */
+  #wholeFrameBuffered(): boolean {
+    const available = this.#rend - this.#rpos;
+    if (available < 2) return false;
+    try {
+      const h = parseHeader(this.#rview, this.#rpos, header);
+      return h !== null && h.headerLength + h.length <= available;
+    } catch {
+      return false; // a bad length: the next read reports it
+    }
   }
 
   /**
