@@ -13,7 +13,14 @@
 // changes the count; SOAK=1 runs 25 times as many cases.
 
 import assert from "node:assert/strict";
-import { CloseError, Conn, ProtocolError } from "../conn.ts";
+import {
+  CloseError,
+  CloseSentError,
+  Conn,
+  ConnectionClosedError,
+  MESSAGE_TYPE,
+  ProtocolError,
+} from "../conn.ts";
 import { createPipe, prng } from "../_pipe.ts";
 import { concat, FrameReader, parseClose, type ReadFrame } from "./_frames.ts";
 
@@ -305,6 +312,8 @@ interface Case {
   readBufferSize: number;
   streaming: boolean;
   streamBuffer: number;
+  /** Messages the Conn writes while it reads (writes racing a failure). */
+  writes: Uint8Array[];
 }
 
 function generate(seed: number): Case {
@@ -475,6 +484,17 @@ function generate(seed: number): Case {
     readBufferSize: pick(random, [1, 139, 512, 4096, 65536]),
     streaming: chance(0.3),
     streamBuffer: pick(random, [1, 5, 1024, 100_000]),
+    // Sizes on both sides of the copy / by-reference write paths.
+    writes: chance(0.3)
+      ? Array.from(
+        { length: 1 + int(random, 5) },
+        () =>
+          randomBytes(
+            random,
+            pick(random, [0, 1, 125, 126, 4095, 4096, 20_000]),
+          ),
+      )
+      : [],
   };
 }
 
@@ -483,6 +503,8 @@ function generate(seed: number): Case {
 interface Outcome {
   messages: { type: number; data: Uint8Array }[];
   error: unknown;
+  /** Why the concurrent writes stopped, if they did. */
+  writeError: unknown;
   written: ReadFrame[];
 }
 
@@ -499,8 +521,20 @@ async function run(c: Case, seed: number): Promise<Outcome> {
   // Everything the peer sends is in the pipe at once; the pipe cuts it.
   await remote.write(c.stream.subarray(c.headBytes));
   remote.end();
-  // The frames the Conn writes back, read until it closes its end.
+  // The frames the Conn writes back, read until it closes its end (the
+  // cuts matter only for what the Conn reads).
+  remote.delivery = "whole";
   const written = new FrameReader(remote).all();
+  const writing = (async (): Promise<unknown> => {
+    for (const data of c.writes) {
+      try {
+        await conn.writeMessage(MESSAGE_TYPE.Binary, data);
+      } catch (error) {
+        return error;
+      }
+    }
+    return undefined;
+  })();
   const messages: Outcome["messages"] = [];
   let error: unknown;
   try {
@@ -520,10 +554,11 @@ async function run(c: Case, seed: number): Promise<Outcome> {
   } catch (caught) {
     error = caught;
   }
+  const writeError = await writing;
   const frames = await written;
   conn.close();
   remote.close();
-  return { messages, error, written: frames };
+  return { messages, error, writeError, written: frames };
 }
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
@@ -556,10 +591,27 @@ function check(c: Case, expected: Expected, outcome: Outcome): void {
     "pongs",
   );
   const closes = written.filter((f) => f.opcode === 8);
+  // The messages written meanwhile went out whole and in order, never cut
+  // by a control frame, until the close (a prefix of them).
+  const data = written.filter((f) => f.opcode === 2);
+  assert.ok(data.length <= c.writes.length, "no extra data frames");
+  data.forEach((f, i) => {
+    assert.ok(
+      f.fin && sameBytes(f.payload, c.writes[i]),
+      `written message ${i}`,
+    );
+  });
   assert.equal(
     written.length,
-    pongs.length + closes.length,
-    "only pongs and a close",
+    pongs.length + closes.length + data.length,
+    "only pongs, written messages and a close",
+  );
+  const { writeError } = outcome;
+  assert.ok(
+    writeError === undefined || writeError instanceof CloseSentError ||
+      writeError instanceof CloseError ||
+      writeError instanceof ConnectionClosedError,
+    `the writes failed with ${writeError}`,
   );
   const ending = expected.ending;
   if (ending.kind === "eof") {
@@ -620,6 +672,9 @@ async function fuzz(seeds: number[]): Promise<Record<string, number>> {
     try {
       const outcome = await Promise.race([run(c, seed), hang]);
       check(c, expected, outcome);
+      if (outcome.written.some((f) => f.opcode === 2)) {
+        tally["wrote while reading"] = (tally["wrote while reading"] ?? 0) + 1;
+      }
     } catch (error) {
       throw new Error(
         `Fuzz case failed: reproduce with FUZZ_SEED=${seed} (${c.role}, limit ${c.limit}, ${c.stream.length} bytes, maxChunk ${c.maxChunk})`,
@@ -649,6 +704,7 @@ Deno.test("fuzz: random frames at random splits deliver exactly what was sent or
         "failed 1002",
         "failed 1007",
         "failed 1009",
+        "wrote while reading",
       ]
     ) {
       assert.ok(
