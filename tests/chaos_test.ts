@@ -6,9 +6,9 @@
 // the server's memory must come back to where it started.
 
 import assert from "node:assert/strict";
-import { type Conn, MESSAGE_TYPE } from "../conn.ts";
+import { Conn, MESSAGE_TYPE } from "../conn.ts";
 import { Dialer } from "../dialer.ts";
-import { prng } from "../_pipe.ts";
+import { createPipe, prng } from "../_pipe.ts";
 import { closePayload, concat, frame, frames, OP } from "./_frames.ts";
 import {
   closeQuietly,
@@ -277,6 +277,55 @@ const HOSTILE: Hostile[] = [
     ),
   },
   {
+    name: "a close frame with a 1-byte payload",
+    server: "protocol 1002",
+    run: sendsAndGetsClose(
+      frame({ opcode: OP.close, payload: new Uint8Array([3]), mask: true }),
+      1002,
+    ),
+  },
+  {
+    name: "a close reason that is not UTF-8",
+    server: "protocol 1007",
+    run: sendsAndGetsClose(
+      frame({
+        opcode: OP.close,
+        payload: concat(closePayload(1000), new Uint8Array([0xc0, 0xaf])),
+        mask: true,
+      }),
+      1007,
+    ),
+  },
+  {
+    name: "a message in 50,000 one-byte fragments",
+    server: "close 1000",
+    async run(server, name) {
+      const client = await rawHandshake(server.port, name);
+      try {
+        assert.equal(client.status, 101);
+        const count = 50_000;
+        const parts = Array.from({ length: count }, (_, i) =>
+          frame({
+            opcode: i === 0 ? OP.binary : OP.cont,
+            fin: i === count - 1,
+            payload: new Uint8Array([i & 0xff]),
+            mask: true,
+          }));
+        await writeAll(client.conn, concat(...parts));
+        const echo = await client.frames.next();
+        assert.equal(echo?.payload.length, count);
+        assert.ok(echo!.payload.every((b, i) => b === (i & 0xff)));
+        await writeAll(
+          client.conn,
+          frame({ opcode: OP.close, payload: closePayload(1000), mask: true }),
+        );
+        assert.equal(await readUntilClose(client.frames), 1000);
+      } finally {
+        closeQuietly(client.conn);
+      }
+    },
+  },
+  {
     name: "a ping flood",
     server: "close 1000",
     async run(server, name) {
@@ -510,3 +559,45 @@ Deno.test("chaos: hostile clients get their close code or status while healthy c
 function mb(bytes: number): string {
   return (bytes / MiB).toFixed(1);
 }
+
+Deno.test("chaos: a message cut into one-byte fragments costs memory in proportion to its payload, not to its fragment count", async () => {
+  // 100,000 payload bytes, 7 wire bytes each: under a 1 MiB read limit a
+  // hostile client may send this. Held as one piece per fragment it would
+  // cost some 200 bytes per payload byte while the message is assembled.
+  const [local, remote] = createPipe();
+  const conn = new Conn(local, { role: "server" });
+  conn.setReadLimit(READ_LIMIT);
+  const count = 100_000;
+  const wire = new Uint8Array(count * 7);
+  for (let i = 0; i < count; i++) {
+    wire.set(
+      frame({
+        opcode: i === 0 ? OP.binary : OP.cont,
+        fin: i === count - 1,
+        payload: new Uint8Array([i & 0xff]),
+        mask: true,
+      }),
+      i * 7,
+    );
+  }
+  const last = wire.length - 7;
+  const before = Deno.memoryUsage();
+  const reading = conn.readMessage();
+  await remote.write(wire.subarray(0, last));
+  // Wait until every fragment but the last has been read.
+  while (remote.buffered > 0 || local.buffered > 0) await sleep(5);
+  await sleep(20);
+  const during = Deno.memoryUsage();
+  await remote.write(wire.subarray(last));
+  const { data } = await reading;
+  assert.equal(data.length, count);
+  assert.ok(data.every((b, i) => b === (i & 0xff)));
+  const grown = during.heapUsed + during.external -
+    (before.heapUsed + before.external);
+  conn.close();
+  remote.close();
+  assert.ok(
+    grown < 40 * count,
+    `assembling ${count} bytes held ${(grown / MiB).toFixed(1)} MiB`,
+  );
+});
