@@ -485,13 +485,9 @@ async function healthy(port: number, id: number): Promise<number> {
     await writing;
   } finally {
     await writing.catch(() => {});
-    await closeHealthy(conn);
+    await conn.closeGracefully(1000, "", { timeout: 2000 });
   }
   return sent.length;
-}
-
-async function closeHealthy(conn: Conn): Promise<void> {
-  await conn.closeGracefully(1000, "", { timeout: 2000 });
 }
 
 Deno.test("chaos: hostile clients get their close code or status while healthy clients lose nothing and memory comes back", async () => {
