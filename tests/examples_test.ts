@@ -361,8 +361,8 @@ Deno.test("chat pings its clients and drops one that stops answering", async () 
   const sessions = new Sessions();
   const { server, hub } = startChat({
     port: 0,
-    pongWait: 300,
-    pingPeriod: 100,
+    pongWait: 1000,
+    pingPeriod: 200,
     onConnection: sessions.onConnection,
   });
   // A browser answers pings by itself and stays.
@@ -370,7 +370,16 @@ Deno.test("chat pings its clients and drops one that stops answering", async () 
   // A raw socket that never answers is gone after pongWait.
   const silent = await rawUpgrade(server.addr.port, "/ws");
   await until(() => hub.size === 2);
-  await new Promise((resolve) => setTimeout(resolve, 600));
+  const start = Date.now();
+  await until(() => hub.size === 1);
+  assert.ok(Date.now() - start >= 900, "dropped before pongWait");
+  assert.equal(
+    await readCloseCode(silent),
+    undefined,
+    "no close frame expected",
+  );
+  // Another pongWait later the browser, which answers pings, is still there.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
   assert.equal(hub.size, 1);
   browser.ws.send("still here");
   assert.equal(await browser.nextText(), "still here");

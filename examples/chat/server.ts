@@ -199,10 +199,14 @@ export class Client {
         if (line !== "") this.#hub.broadcast(line);
       }
     } catch (error) {
+      // Tabs closing (1001), pages calling close() with or without a code,
+      // and vanished peers are all ordinary ends of a chat session.
       if (
         isUnexpectedCloseError(
           error,
+          CLOSE_CODE.NormalClosure,
           CLOSE_CODE.GoingAway,
+          CLOSE_CODE.NoStatusReceived,
           CLOSE_CODE.AbnormalClosure,
         )
       ) {
