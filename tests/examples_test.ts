@@ -292,6 +292,34 @@ Deno.test("echo server echoes text and binary with their type on / and /ws", asy
   await server.shutdown();
 });
 
+Deno.test("echo server outlives garbage, truncated frames and bad handshakes", async () => {
+  const sessions = new Sessions();
+  const server = startEcho({ port: 0, onConnection: sessions.onConnection });
+  const { port } = server.addr;
+  // Garbage after the 101: the connection fails with 1002, nothing escapes.
+  const garbage = await rawUpgrade(port, "/");
+  await garbage.write(new Uint8Array([0x8f, 0x80, 1, 2, 3, 4]));
+  assert.equal(await readCloseCode(garbage), 1002);
+  garbage.close();
+  // EOF in the middle of a frame.
+  const truncated = await rawUpgrade(port, "/");
+  await truncated.write(clientFrame(0x2, new Uint8Array(100)).subarray(0, 50));
+  truncated.close();
+  // A handshake without a key is refused with 400.
+  const refused = await fetch(`http://127.0.0.1:${port}/ws`, {
+    headers: { connection: "upgrade", upgrade: "websocket" },
+  });
+  assert.equal(refused.status, 400);
+  await refused.body?.cancel();
+  // The server still echoes.
+  const client = await Client.connect(`ws://127.0.0.1:${port}/`);
+  client.ws.send("still up");
+  assert.equal(await client.next(), "still up");
+  await client.close();
+  await sessions.settled();
+  await server.shutdown();
+});
+
 Deno.test("echo server with compress negotiates permessage-deflate", async () => {
   const sessions = new Sessions();
   const server = startEcho({
