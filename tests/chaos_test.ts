@@ -421,15 +421,15 @@ const HOSTILE: Hostile[] = [
  * A Dialer that offers permessage-deflate when asked and the Dialer supports
  * it (until deflate is wired in, it refuses the option).
  */
-function dialer(compress: boolean): Dialer {
+function dialer(compress: boolean): { dialer: Dialer; offers: boolean } {
   if (compress) {
     try {
-      return new Dialer({ enableCompression: true });
+      return { dialer: new Dialer({ enableCompression: true }), offers: true };
     } catch (error) {
       if (!(error instanceof TypeError)) throw error;
     }
   }
-  return new Dialer();
+  return { dialer: new Dialer(), offers: false };
 }
 
 /** Sizes a healthy client sends: 0 B to 200 KiB, at the length boundaries. */
@@ -452,8 +452,16 @@ const SIZES = [
  * checks every byte and the order.
  */
 async function healthy(port: number, id: number): Promise<number> {
-  const { conn } = await dialer(id % 2 === 1).dial(
+  const { dialer: client, offers } = dialer(id % 2 === 1);
+  const { conn, response } = await client.dial(
     `ws://127.0.0.1:${port}/healthy-${id}`,
+  );
+  // The server offers compression whenever the Upgrader supports it.
+  assert.equal(
+    /permessage-deflate/.test(
+      response.headers.get("sec-websocket-extensions") ?? "",
+    ),
+    offers,
   );
   const random = prng(1000 + id);
   const sent: { type: 1 | 2; data: Uint8Array }[] = [];
