@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import { MESSAGE_TYPE } from "../conn.ts";
 import { Dialer } from "../dialer.ts";
+import { Upgrader } from "../upgrader.ts";
 import { prng } from "../_pipe.ts";
 import { closePayload, concat, frame, frames, OP } from "./_frames.ts";
 import {
@@ -629,25 +630,60 @@ function mb(bytes: number): string {
   return (bytes / MiB).toFixed(1);
 }
 
-Deno.test("chaos: a message cut into one-byte fragments costs memory in proportion to its payload, not to its fragment count", async () => {
-  // 100,000 payload bytes, 7 wire bytes each: under a 1 MiB read limit any
-  // client may send this. Measured in a child process that can force GC.
+/** Runs _reliability/fragments.ts: memory kept while assembling fragments. */
+async function fragmentMemory(
+  size: number,
+  deflate: boolean,
+): Promise<{ count: number; retained: number; ok: boolean }> {
   const script = new URL("./_reliability/fragments.ts", import.meta.url);
   const { stdout, success } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--v8-flags=--expose-gc", script.pathname, "100000"],
+    args: [
+      "run",
+      "-A",
+      "--v8-flags=--expose-gc",
+      script.pathname,
+      String(size),
+      ...(deflate ? ["deflate"] : []),
+    ],
     stderr: "inherit",
   }).output();
   assert.ok(success, "the measuring process failed");
-  const { count, retained, ok } = JSON.parse(new TextDecoder().decode(stdout));
-  assert.ok(ok, "the message arrived intact");
-  console.log(
-    `chaos: assembling ${count} one-byte fragments kept ${
-      (retained / MiB).toFixed(1)
-    } MiB (${Math.round(retained / count)} B per fragment)`,
-  );
-  // A few bytes per payload byte is fair; a heap object per fragment is not.
-  assert.ok(
-    retained < 16 * count,
-    `assembling ${count} bytes kept ${(retained / MiB).toFixed(1)} MiB`,
-  );
+  return JSON.parse(new TextDecoder().decode(stdout));
+}
+
+/** Whether permessage-deflate is wired into the Upgrader (and so Conn). */
+function deflateWired(): boolean {
+  try {
+    new Upgrader({ enableCompression: true });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+Deno.test("chaos: a message cut into one-byte fragments costs memory in proportion to its payload, not to its fragment count", async () => {
+  // 100,000 payload bytes at 7 wire bytes each: under a 1 MiB read limit any
+  // client may send this, plain or compressed. Measured in a child process
+  // that can force GC.
+  const results = [];
+  for (const deflate of deflateWired() ? [false, true] : [false]) {
+    const { count, retained, ok } = await fragmentMemory(100_000, deflate);
+    const kind = deflate ? "compressed" : "plain";
+    assert.ok(ok, `the ${kind} message arrived intact`);
+    console.log(
+      `chaos: assembling a ${kind} message of ${count} one-byte fragments kept ${
+        (retained / MiB).toFixed(1)
+      } MiB (${Math.round(retained / count)} B per fragment)`,
+    );
+    results.push({ kind, count, retained });
+  }
+  // A few bytes per payload byte is fair; an object per fragment is not.
+  for (const { kind, count, retained } of results) {
+    assert.ok(
+      retained < 16 * count,
+      `assembling a ${kind} message of ${count} fragments kept ${
+        (retained / MiB).toFixed(1)
+      } MiB`,
+    );
+  }
 });
