@@ -200,7 +200,8 @@ Deno.test("echo: the page round-trips a message with permessage-deflate negotiat
     const page = await openPage(browser, `http://127.0.0.1:${relay.port}/`);
     await page.click("#open");
     await page.locator("#output div", { hasText: "OPEN" }).waitFor();
-    const message = "Hello, compressed world! ".repeat(8);
+    // Over the 256-byte threshold below which messages go uncompressed.
+    const message = "Hello, compressed world! ".repeat(40);
     await page.fill("#input", message);
     await page.click("#send");
     await page.locator("#output div", { hasText: `RESPONSE: ${message}` })
