@@ -56,7 +56,15 @@ async function drain(conn: Conn): Promise<void> {
   }
 }
 
-/** Asks the server how many cases it has. */
+/**
+ * Asks the server how many cases it has.
+ *
+ * @param dialer The dialer to connect with.
+ * @param base The fuzzing server's base URL.
+ * @returns The number of cases.
+ * @throws {TypeError} If the answer is not a count.
+ * @throws {BadHandshakeError} If the server refuses the connection.
+ */
 export async function getCaseCount(
   dialer: Dialer,
   base: string,
@@ -83,6 +91,12 @@ export async function getCaseCount(
 /**
  * Runs one case: echoes every message until the connection ends. The case's
  * verdict is the server's to give, so failures here are not errors.
+ *
+ * @param dialer The dialer to connect with.
+ * @param base The fuzzing server's base URL.
+ * @param index The case number, from 1.
+ * @param agent The name the results are filed under.
+ * @returns Settles when the case is over; never rejects.
  */
 export async function runCase(
   dialer: Dialer,
@@ -112,7 +126,14 @@ export async function runCase(
   }
 }
 
-/** Tells the server to write its reports for `agent`. */
+/**
+ * Tells the server to write its reports for `agent`.
+ *
+ * @param dialer The dialer to connect with.
+ * @param base The fuzzing server's base URL.
+ * @param agent The name the results are filed under.
+ * @throws {BadHandshakeError} If the server refuses the connection.
+ */
 export async function updateReports(
   dialer: Dialer,
   base: string,
@@ -123,7 +144,14 @@ export async function updateReports(
   );
 }
 
-/** Runs every case the server has, then updates the reports; returns the count. */
+/**
+ * Runs every case the server has, then updates the reports.
+ *
+ * @param options The server's URL, the agent name and a progress callback.
+ * @returns The number of cases run.
+ * @throws {TypeError} If the server's case count is not a number.
+ * @throws {BadHandshakeError} If the server refuses a connection.
+ */
 export async function runSuite(options: SuiteOptions): Promise<number> {
   const agent = options.agent ?? "denows";
   const dialer = new Dialer({ enableCompression: true });

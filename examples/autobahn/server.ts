@@ -117,6 +117,9 @@ async function echoPrepared(conn: Conn): Promise<never> {
 /**
  * Builds the request handler: an echo loop for WebSocket upgrades on the
  * paths of {@linkcode ECHO_PATHS}, with every origin and compression allowed.
+ *
+ * @param options Logging and the connection hook.
+ * @returns A handler for {@linkcode serve}.
  */
 export function createHandler(options: HandlerOptions = {}): ServeHandler {
   const upgrader = new Upgrader({
@@ -140,7 +143,13 @@ export function createHandler(options: HandlerOptions = {}): ServeHandler {
   };
 }
 
-/** Starts the testee server; returns the running server. */
+/**
+ * Starts the testee server.
+ *
+ * @param options Where to listen, and the example's own options.
+ * @returns The running server; `shutdown()` stops it.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ */
 export function startServer(options: StartOptions): Server {
   return serve({
     port: options.port,

@@ -107,17 +107,29 @@ export class Hub {
     return this.#clients.size;
   }
 
-  /** Adds a client; it receives every later broadcast. */
+  /**
+   * Adds a client; it receives every later broadcast.
+   *
+   * @param client The client to add.
+   */
   register(client: Client): void {
     this.#clients.add(client);
   }
 
-  /** Removes a client; safe to call more than once. */
+  /**
+   * Removes a client; safe to call more than once.
+   *
+   * @param client The client to remove.
+   */
   unregister(client: Client): void {
     this.#clients.delete(client);
   }
 
-  /** Sends `line` to every client, encoding the frame once for all of them. */
+  /**
+   * Sends `line` to every client, encoding the frame once for all of them.
+   *
+   * @param line The text to send.
+   */
   broadcast(line: string): void {
     const message = new PreparedMessage(MESSAGE_TYPE.Text, line);
     for (const client of this.#clients) {
@@ -140,6 +152,14 @@ export class Client {
   #dropped = false;
   #done = false;
 
+  /**
+   * Creates a client; {@linkcode Client.run} starts it.
+   *
+   * @param hub The hub it joins.
+   * @param conn Its connection.
+   * @param options Its limits.
+   * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
+   */
   constructor(hub: Hub, conn: Conn, options: ChatOptions = {}) {
     this.#hub = hub;
     this.#conn = conn;
@@ -147,8 +167,11 @@ export class Client {
   }
 
   /**
-   * Queues a message for the write loop. Returns false, queuing nothing,
-   * when the queue is full: the client is not keeping up.
+   * Queues a message for the write loop.
+   *
+   * @param message The message to send.
+   * @returns False, queuing nothing, when the queue is full: the client is
+   * not keeping up.
    */
   enqueue(message: PreparedMessage): boolean {
     if (this.#done) return true; // Leaving anyway: nothing to drop.
@@ -167,7 +190,9 @@ export class Client {
 
   /**
    * Registers the client and runs both loops until the connection ends;
-   * the client leaves the hub once both have stopped. Never rejects.
+   * the client leaves the hub once both have stopped.
+   *
+   * @returns Settles when both loops have stopped; never rejects.
    */
   async run(): Promise<void> {
     this.#hub.register(this);
@@ -268,6 +293,11 @@ const page = new URL("./home.html", import.meta.url);
 /**
  * Builds the request handler: the chat page on `GET /`, a chat client for
  * each WebSocket upgrade on `/ws`, all sharing `hub`.
+ *
+ * @param hub The hub every client joins.
+ * @param options Limits and the connection hook.
+ * @returns A handler for {@linkcode serve}.
+ * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
  */
 export function createHandler(
   hub: Hub,
@@ -296,7 +326,14 @@ export function createHandler(
   };
 }
 
-/** Starts a chat server with a fresh hub; returns the server and its hub. */
+/**
+ * Starts a chat server with a fresh hub.
+ *
+ * @param options Where to listen, limits and the connection hook.
+ * @returns The running server (`shutdown()` stops it) and its hub.
+ * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ */
 export function startServer(
   options: StartOptions,
 ): { server: Server; hub: Hub } {

@@ -105,8 +105,12 @@ async function* lines(stream: ReadableStream<Uint8Array>) {
 
 /**
  * Runs one child process for `conn` and bridges the two until either side
- * ends. Resolves with the exit status, or undefined when the process could
- * not be started (the peer is told why); never rejects.
+ * ends.
+ *
+ * @param conn A server connection.
+ * @param options The command and its limits.
+ * @returns The exit status, or undefined when the process could not be
+ * started (the peer is told why, with close code 1011); never rejects.
  */
 export async function bridge(
   conn: Conn,
@@ -204,6 +208,9 @@ const page = new URL("./home.html", import.meta.url);
 /**
  * Builds the request handler: the page on `GET /`, one process per
  * WebSocket upgrade on `/ws`.
+ *
+ * @param options The command, its limits and the connection hook.
+ * @returns A handler for {@linkcode serve}.
  */
 export function createHandler(
   options: HandlerOptions,
@@ -230,7 +237,13 @@ export function createHandler(
   };
 }
 
-/** Starts the command server; returns the running server. */
+/**
+ * Starts the command server.
+ *
+ * @param options Where to listen, and the example's own options.
+ * @returns The running server; `shutdown()` stops it.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ */
 export function startServer(options: StartOptions): Server {
   return serve({
     port: options.port,

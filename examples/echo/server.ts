@@ -50,8 +50,11 @@ export interface StartOptions extends EchoOptions {
 const page = new URL("./index.html", import.meta.url);
 
 /**
- * Echoes every message on `conn` until the connection ends. Never rejects:
- * a close from the peer is the normal end, anything else is logged.
+ * Echoes every message on `conn` until the connection ends, then closes it.
+ * A close from the peer is the normal end; anything else is logged.
+ *
+ * @param conn A server connection.
+ * @returns Settles when the connection has ended; never rejects.
  */
 export async function echo(conn: Conn): Promise<void> {
   try {
@@ -69,6 +72,10 @@ export async function echo(conn: Conn): Promise<void> {
 /**
  * Builds the request handler: the page on `GET /`, an echo connection for
  * every WebSocket upgrade.
+ *
+ * @param options Compression and the connection hook.
+ * @returns A handler for {@linkcode serve}.
+ * @throws {TypeError} If the Upgrader refuses the options.
  */
 export function createHandler(
   options: EchoOptions = {},
@@ -96,7 +103,13 @@ export function createHandler(
   };
 }
 
-/** Starts the echo server; resolves nothing, returns the running server. */
+/**
+ * Starts the echo server.
+ *
+ * @param options Where to listen, and the example's own options.
+ * @returns The running server; `shutdown()` stops it.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ */
 export function startServer(options: StartOptions): Server {
   return serve({
     port: options.port,

@@ -96,7 +96,11 @@ async function readIfChanged(
 
 /**
  * Serves one page's connection until it ends: sends the file now and after
- * every change, pings, and reads pongs. Never rejects.
+ * every change, pings, and reads pongs.
+ *
+ * @param conn A server connection.
+ * @param options The file and the timings.
+ * @returns Settles when the connection has ended; never rejects.
  */
 export async function watch(
   conn: Conn,
@@ -166,6 +170,9 @@ const page = new URL("./home.html", import.meta.url);
 /**
  * Builds the request handler: the page on `GET /`, a watcher for each
  * WebSocket upgrade on `/ws`.
+ *
+ * @param options The file, the timings and the connection hook.
+ * @returns A handler for {@linkcode serve}.
  */
 export function createHandler(
   options: HandlerOptions,
@@ -193,7 +200,13 @@ export function createHandler(
   };
 }
 
-/** Starts the file watch server; returns the running server. */
+/**
+ * Starts the file watch server.
+ *
+ * @param options Where to listen, and the example's own options.
+ * @returns The running server; `shutdown()` stops it.
+ * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
+ */
 export function startServer(options: StartOptions): Server {
   return serve({
     port: options.port,
