@@ -5,8 +5,8 @@
  * The shape is gorilla's chat example, in TypeScript:
  *
  * - a {@linkcode Hub} holds the clients and broadcasts each line as one
- *   `PreparedMessage`, so the frame is built (and compressed) once however
- *   many clients there are;
+ *   `PreparedMessage`, so the frame is built once however many clients
+ *   there are;
  * - each client has a read loop (the only reader of its connection) and a
  *   write loop (the only writer) fed by a bounded queue;
  * - the write loop pings every `pingPeriod`; the read loop's deadline is
