@@ -28,7 +28,7 @@ import { parseServerArgs } from "../_cli.ts";
 
 /** Options for {@linkcode createHandler} and {@linkcode startServer}. */
 export interface EchoOptions {
-  /** Offer permessage-deflate (RFC 7692) to clients that ask for it. */
+  /** Negotiate permessage-deflate (RFC 7692) with clients that offer it. */
   compress?: boolean;
   /**
    * Called for every upgraded connection, with a promise that settles (never
