@@ -7,7 +7,9 @@ import assert from "node:assert/strict";
 import * as playwright from "npm:playwright-core@1";
 import type { Conn } from "../conn.ts";
 import { startServer as startChat } from "../examples/chat/server.ts";
+import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
+import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 
@@ -225,4 +227,56 @@ Deno.test("echo: the page round-trips a message with permessage-deflate negotiat
   assert.match(head, /^sec-websocket-extensions: permessage-deflate\b/im);
   // The first frame after the 101 is the echo: FIN, RSV1 (compressed), text.
   assert.equal(rest[0], 0x80 | 0x40 | 0x1, "the echo was not compressed");
+});
+
+Deno.test("filewatch: the page shows the file and follows its changes", async () => {
+  const path = await Deno.makeTempFile();
+  await Deno.writeTextFile(path, "<b>not markup</b>");
+  const watch = sessions();
+  const server = startFilewatch({
+    port: 0,
+    path,
+    pollInterval: 50,
+    onConnection: watch.onConnection,
+  });
+  try {
+    await using browser = await launchChromium();
+    const page = await openPage(
+      browser,
+      `http://127.0.0.1:${server.addr.port}/`,
+    );
+    // Shown as text, never parsed as HTML.
+    await page.locator("#file", { hasText: "<b>not markup</b>" }).waitFor();
+    assert.equal(await page.textContent("#name"), path);
+    await Deno.writeTextFile(path, "changed on disk");
+    await page.locator("#file", { hasText: "changed on disk" }).waitFor();
+  } finally {
+    await watch.settled();
+    await server.shutdown();
+    await Deno.remove(path);
+  }
+});
+
+Deno.test("command: the page sends a line to the process and shows its output", async () => {
+  const command = sessions();
+  const server = startCommand({
+    port: 0,
+    command: "cat",
+    onConnection: command.onConnection,
+  });
+  try {
+    await using browser = await launchChromium();
+    const page = await openPage(
+      browser,
+      `http://127.0.0.1:${server.addr.port}/`,
+    );
+    await page.locator("#log div", { hasText: "Process started." }).waitFor();
+    await page.fill("#line", "hello, cat");
+    await page.press("#line", "Enter");
+    // The page echoes the input as "> hello, cat"; cat's answer is the line.
+    await page.locator("#log div", { hasText: /^hello, cat$/ }).waitFor();
+  } finally {
+    await command.settled();
+    await server.shutdown();
+  }
 });
