@@ -8,6 +8,11 @@
  */
 
 import { type BufferPool, Conn } from "./conn.ts";
+import {
+  acceptDeflateResponse,
+  DEFLATE_OFFER,
+  type DeflateParameters,
+} from "./deflate.ts";
 import { HttpError, parseResponseHead, readHead } from "./_http.ts";
 import {
   computeAcceptKey,
@@ -86,10 +91,18 @@ export interface DialerOptions {
   /** Subprotocols to offer, in order of preference. */
   subprotocols?: string[];
   /**
-   * Offers permessage-deflate (RFC 7692). Not available yet: `true` is
-   * refused.
+   * Offers permessage-deflate (RFC 7692) with no context takeover in either
+   * direction (default false). The server may decline; an answer we did not
+   * ask for or cannot honour fails the handshake. {@linkcode Conn.compression}
+   * tells whether the connection got it. There is no compression level: the
+   * web-standard `CompressionStream` has none.
    */
   enableCompression?: boolean;
+  /**
+   * With compression, data messages shorter than this many bytes are sent
+   * uncompressed (default 256; `0` compresses everything).
+   */
+  compressionThreshold?: number;
   /** Extra PEM root certificates trusted for `wss:` (and `https:` proxies). */
   caCerts?: string[];
   /**
@@ -286,6 +299,8 @@ export class Dialer {
   #readBufferSize: number | undefined;
   #writeBufferSize: number | undefined;
   #writeBufferPool: BufferPool | undefined;
+  #enableCompression: boolean;
+  #compressionThreshold: number | undefined;
   #subprotocols: string[];
   #caCerts: string[] | undefined;
   #serverName: string | undefined;
@@ -299,9 +314,8 @@ export class Dialer {
    *
    * @param options The dialer's settings.
    * @throws {RangeError} When a timeout or buffer size is negative or not a
-   * number.
-   * @throws {TypeError} When a subprotocol is not a token or repeats, or
-   * `enableCompression` is `true`.
+   * number, or the compression threshold is not a non-negative integer.
+   * @throws {TypeError} When a subprotocol is not a token or repeats.
    */
   constructor(options: DialerOptions = {}) {
     this.#handshakeTimeout = checkSize(
@@ -320,13 +334,17 @@ export class Dialer {
     this.#proxy = options.proxy;
     this.#connect = options.connect ?? connectTcp;
     this.#cookieJar = options.cookieJar;
-    if (options.enableCompression) {
-      // The one place permessage-deflate (RFC 7692) plugs in: the offer is
-      // made in #extensionOffer and the answer checked in #acceptExtensions.
-      throw new TypeError(
-        "Cannot enable compression: permessage-deflate is not supported by the dialer yet",
+    this.#enableCompression = options.enableCompression === true;
+    const threshold = options.compressionThreshold;
+    if (
+      threshold !== undefined &&
+      (!Number.isSafeInteger(threshold) || threshold < 0)
+    ) {
+      throw new RangeError(
+        `Cannot create the dialer: compressionThreshold must be a non-negative integer, got ${threshold}`,
       );
     }
+    this.#compressionThreshold = threshold;
   }
 
   /**
@@ -399,13 +417,7 @@ export class Dialer {
           await withErrorBody(response, transport, rest, signal),
         );
       }
-      const extensionProblem = this.#acceptExtensions(response.headers);
-      if (extensionProblem !== undefined) {
-        throw new BadHandshakeError(
-          `Cannot open the WebSocket connection: ${extensionProblem}`,
-          response,
-        );
-      }
+      const compression = this.#acceptExtensions(response);
       const conn = new Conn(transport, {
         role: "client",
         subprotocol: response.headers.get("sec-websocket-protocol") ?? "",
@@ -413,6 +425,8 @@ export class Dialer {
         readBufferSize: this.#readBufferSize,
         writeBufferSize: this.#writeBufferSize,
         writeBufferPool: this.#writeBufferPool,
+        compression,
+        compressionThreshold: this.#compressionThreshold,
       });
       transport = undefined; // the Conn owns it now
       return { conn, response };
@@ -471,20 +485,39 @@ export class Dialer {
 
   /** The `Sec-WebSocket-Extensions` offer, or undefined for none. */
   #extensionOffer(): string | undefined {
-    return undefined;
+    return this.#enableCompression ? DEFLATE_OFFER : undefined;
   }
 
   /**
-   * Checks the server's `Sec-WebSocket-Extensions` against the offer. RFC
-   * 6455 section 4.1: an extension that was not requested fails the
-   * connection.
+   * Checks the server's `Sec-WebSocket-Extensions` against the offer and
+   * returns the negotiated permessage-deflate parameters, if any. RFC 6455
+   * section 4.1: an extension that was not requested (or an answer we cannot
+   * honour, RFC 7692 section 5) fails the connection.
    */
-  #acceptExtensions(headers: Headers): string | undefined {
-    const extensions = parseTokenList(headers.get("sec-websocket-extensions"));
-    if (extensions.length === 0) return undefined;
-    return `the server chose the extension ${
-      JSON.stringify(extensions[0])
-    }, which was not offered`;
+  #acceptExtensions(response: Response): DeflateParameters | undefined {
+    const answer = response.headers.get("sec-websocket-extensions");
+    if (!this.#enableCompression) {
+      const extensions = parseTokenList(answer);
+      if (extensions.length === 0) return undefined;
+      throw new BadHandshakeError(
+        `Cannot open the WebSocket connection: the server chose the extension ${
+          JSON.stringify(extensions[0])
+        }, which was not offered`,
+        response,
+      );
+    }
+    try {
+      return acceptDeflateResponse(answer);
+    } catch (error) {
+      const reason = (error as Error).message;
+      throw new BadHandshakeError(
+        `Cannot open the WebSocket connection: ${
+          reason[0].toLowerCase() + reason.slice(1)
+        }`,
+        response,
+        { cause: error },
+      );
+    }
   }
 
   /**

@@ -39,6 +39,7 @@
  */
 
 import { type BufferPool, Conn, type Transport } from "./conn.ts";
+import { negotiateDeflate } from "./deflate.ts";
 import { CLOSE_CODE } from "./frame.ts";
 import { takeConnection } from "./_hijack.ts";
 import {
@@ -176,10 +177,18 @@ export interface UpgraderOptions {
    */
   checkOrigin?: (request: Request) => boolean | Promise<boolean>;
   /**
-   * Negotiate permessage-deflate (RFC 7692). Not supported yet: `true`
-   * throws rather than being silently ignored.
+   * Negotiate permessage-deflate (RFC 7692) when the client offers it
+   * (default false). The answer always asks for no context takeover in both
+   * directions (see deflate.ts); {@linkcode Conn.compression} tells whether
+   * a connection got it. Messages are compressed with the web-standard
+   * `CompressionStream`, which has no level setting, so there is none here.
    */
   enableCompression?: boolean;
+  /**
+   * With compression, data messages shorter than this many bytes are sent
+   * uncompressed (default 256; `0` compresses everything).
+   */
+  compressionThreshold?: number;
 }
 
 /** Options for {@linkcode Upgrader.upgradeConnection} and {@linkcode Upgrader.upgradeNode}. */
@@ -271,17 +280,20 @@ export class Upgrader {
    * Creates an Upgrader.
    *
    * @param options Handshake policy and buffer sizes for the connections.
-   * @throws {TypeError} If `enableCompression` is `true` (not supported yet),
-   * a subprotocol is not an RFC 9110 token, or a callback is not a function.
-   * @throws {RangeError} If a buffer size is not a positive integer or the
-   * handshake timeout is negative or not finite.
+   * @throws {TypeError} If a subprotocol is not an RFC 9110 token, or a
+   * callback is not a function.
+   * @throws {RangeError} If a buffer size is not a positive integer, the
+   * compression threshold is not a non-negative integer, or the handshake
+   * timeout is negative or not finite.
    */
   constructor(options: UpgraderOptions = {}) {
-    if (options.enableCompression) {
-      // Negotiation plugs in with deflate.ts (RFC 7692 section 5): until then
-      // accepting the option would silently send uncompressed frames.
-      throw new TypeError(
-        "Cannot create the Upgrader: enableCompression is not supported yet",
+    const threshold = options.compressionThreshold;
+    if (
+      threshold !== undefined &&
+      (!Number.isSafeInteger(threshold) || threshold < 0)
+    ) {
+      throw new RangeError(
+        `Cannot create the Upgrader: compressionThreshold must be a non-negative integer, got ${threshold}`,
       );
     }
     for (const name of ["readBufferSize", "writeBufferSize"] as const) {
@@ -580,8 +592,11 @@ export class Upgrader {
             closeQuietly(transport);
             return Promise.resolve();
           }
+          // The answer to a message being handled goes out before the
+          // close frame.
           return conn.closeGracefully(CLOSE_CODE.GoingAway, "", {
             timeout: timeoutMs,
+            afterCurrentMessage: true,
           });
         }),
       );
@@ -647,8 +662,11 @@ export class Upgrader {
     const subprotocol = this.#options.subprotocols === undefined
       ? responseHeaders.get("sec-websocket-protocol") ?? ""
       : selectSubprotocol(this.#options.subprotocols, subprotocols(request));
-    // permessage-deflate negotiation (RFC 7692 section 5) plugs in here: it
-    // adds a Sec-WebSocket-Extensions line and Conn's `compression` option.
+    // permessage-deflate (RFC 7692 section 5): the first offer we can
+    // honour is accepted; none leaves the extension off.
+    const deflate = this.#options.enableCompression
+      ? negotiateDeflate(headers.get("sec-websocket-extensions"))
+      : undefined;
     const lines = [
       "HTTP/1.1 101 Switching Protocols",
       "Upgrade: websocket",
@@ -657,6 +675,9 @@ export class Upgrader {
     ];
     if (subprotocol !== "") {
       lines.push(`Sec-WebSocket-Protocol: ${subprotocol}`);
+    }
+    if (deflate !== undefined) {
+      lines.push(`Sec-WebSocket-Extensions: ${deflate.header}`);
     }
     for (const [name, value] of responseHeaders) {
       if (name !== "sec-websocket-protocol") lines.push(`${name}: ${value}`);
@@ -673,6 +694,8 @@ export class Upgrader {
       readBufferSize: this.#options.readBufferSize,
       writeBufferSize: this.#options.writeBufferSize,
       writeBufferPool: this.#options.writeBufferPool,
+      compression: deflate?.parameters,
+      compressionThreshold: this.#options.compressionThreshold,
     } as const;
     try {
       conn = new Conn(transport, options);
