@@ -597,6 +597,73 @@ Deno.test("autobahn server echoes on /, /f and /p, and 404s elsewhere", async ()
   await server.shutdown();
 });
 
+Deno.test("autobahn server echoes compressed, fragmented messages on every path", async () => {
+  const sessions = new Sessions();
+  const server = startAutobahn({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  const dialer = new Dialer({ enableCompression: true, writeBufferSize: 1024 });
+  const text = JSON.stringify({
+    rows: Array(2000).fill({ a: "ünïcode", b: 1 }),
+  });
+  for (const path of ["/", "/f", "/p"]) {
+    const { conn, response } = await dialer.dial(
+      `ws://127.0.0.1:${server.addr.port}${path}`,
+    );
+    assert.match(
+      response.headers.get("sec-websocket-extensions") ?? "",
+      /^permessage-deflate/,
+    );
+    // Fragments of at most writeBufferSize bytes, split inside characters.
+    const writer = conn.nextWriter(MESSAGE_TYPE.Text);
+    const bytes = encoder.encode(text);
+    for (let i = 0; i < bytes.length; i += 777) {
+      await writer.write(bytes.subarray(i, i + 777));
+    }
+    await writer.close();
+    const echoed = await conn.readMessage();
+    assert.equal(echoed.type, MESSAGE_TYPE.Text);
+    assert.equal(decoder.decode(echoed.data), text, path);
+    await conn.closeGracefully(1000, "", { timeout: 5000 });
+  }
+  await sessions.settled();
+  await server.shutdown();
+});
+
+Deno.test("autobahn server streams on /f: the echo starts before the message ends", async () => {
+  const sessions = new Sessions();
+  const server = startAutobahn({
+    port: 0,
+    onConnection: sessions.onConnection,
+  });
+  const { conn } = await new Dialer().dial(
+    `ws://127.0.0.1:${server.addr.port}/f`,
+  );
+  const writer = conn.nextWriter(MESSAGE_TYPE.Binary);
+  await writer.write(new Uint8Array(65536).fill(7));
+  // The final fragment has not been sent, yet the echo is already arriving.
+  const { type, reader } = await within(conn.nextReader(), "the echo to begin");
+  assert.equal(type, MESSAGE_TYPE.Binary);
+  const buffer = new Uint8Array(65536);
+  const n = await within(reader.read(buffer), "echoed bytes");
+  assert.ok(n !== null && n > 0);
+  assert.ok(buffer.subarray(0, n).every((byte) => byte === 7));
+  await writer.write(new Uint8Array([8]));
+  await writer.close();
+  let total = n;
+  let last = 7;
+  for (let m; (m = await reader.read(buffer)) !== null;) {
+    total += m;
+    last = buffer[m - 1];
+  }
+  assert.equal(total, 65537);
+  assert.equal(last, 8);
+  await conn.closeGracefully(1000, "", { timeout: 5000 });
+  await sessions.settled();
+  await server.shutdown();
+});
+
 Deno.test("autobahn server fails invalid UTF-8 text with 1007 on every path", async () => {
   const sessions = new Sessions();
   const server = startAutobahn({
