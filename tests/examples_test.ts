@@ -681,20 +681,25 @@ Deno.test("autobahn server fails invalid UTF-8 text with 1007 on every path", as
   await server.shutdown();
 });
 
-Deno.test("autobahn client runs every case of a fuzzing server, then updates the reports", async () => {
-  // A stand-in for the suite's fuzzingserver: two cases, each sending a text
-  // and a binary message and checking the echoes.
-  const upgrader = new Upgrader();
+/**
+ * A stand-in for the suite's fuzzingserver: `cases` cases, each sending a
+ * text and a binary message and checking the echoes. `log` lists what was
+ * done, `offers` the extensions each connection offered.
+ */
+function startFuzzer(cases: number) {
+  const upgrader = new Upgrader({ enableCompression: true });
   const log: string[] = [];
+  const offers: string[] = [];
   const work: Promise<void>[] = [];
-  const fuzzer = serve(
+  const server = serve(
     { hostname: "127.0.0.1", port: 0, onListen() {} },
     async (request) => {
       const url = new URL(request.url);
+      offers.push(request.headers.get("sec-websocket-extensions") ?? "");
       const conn = await upgrader.upgrade(request);
       const session = (async () => {
         if (url.pathname === "/getCaseCount") {
-          await conn.writeMessage(MESSAGE_TYPE.Text, "2");
+          await conn.writeMessage(MESSAGE_TYPE.Text, String(cases));
         } else if (url.pathname === "/runCase") {
           const name = `case ${url.searchParams.get("case")} for ${
             url.searchParams.get("agent")
@@ -720,21 +725,40 @@ Deno.test("autobahn client runs every case of a fuzzing server, then updates the
       await session;
     },
   );
+  return {
+    url: `ws://127.0.0.1:${server.addr.port}`,
+    log,
+    offers,
+    /** Waits for every session (rethrowing a failed check), then stops. */
+    async finish(): Promise<void> {
+      try {
+        await Promise.all(work);
+      } finally {
+        await server.shutdown();
+      }
+    },
+  };
+}
+
+Deno.test("autobahn client runs every case of a fuzzing server, then updates the reports", async () => {
+  const fuzzer = startFuzzer(2);
   const seen: string[] = [];
   const count = await runSuite({
-    url: `ws://127.0.0.1:${fuzzer.addr.port}`,
+    url: fuzzer.url,
     agent: "tester",
     onCase: (index, count) => seen.push(`${index}/${count}`),
   });
-  await Promise.all(work);
+  await fuzzer.finish();
   assert.equal(count, 2);
   assert.deepEqual(seen, ["1/2", "2/2"]);
-  assert.deepEqual(log, [
+  assert.deepEqual(fuzzer.log, [
     "case 1 for tester",
     "case 2 for tester",
     "/updateReports tester",
   ]);
-  await fuzzer.shutdown();
+  // Compression is offered on every connection.
+  assert.equal(fuzzer.offers.length, 4);
+  for (const offer of fuzzer.offers) assert.match(offer, /^permessage-deflate/);
 });
 
 // the programs, as their deno tasks run them
@@ -799,4 +823,23 @@ Deno.test("deno task autobahn starts the testee server", async () => {
   assert.equal(await client.next(), "prepared");
   await client.close();
   assert.equal(await program.stop(), "");
+});
+
+Deno.test("deno task autobahn:client drives a fuzzing server from the command line", async () => {
+  const fuzzer = startFuzzer(3);
+  const [deno, ...taskArgs] = TASKS["autobahn:client"].split(" ");
+  assert.equal(deno, "deno");
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: [...taskArgs, "--url", fuzzer.url, "--agent", "cli"],
+    cwd: new URL("..", import.meta.url),
+    env: { NO_COLOR: "1" },
+  }).output();
+  await fuzzer.finish();
+  assert.equal(decoder.decode(output.stderr), "");
+  assert.equal(output.code, 0);
+  assert.match(
+    decoder.decode(output.stdout),
+    /Running case 3 of 3\nRan 3 cases; reports updated for cli\n$/,
+  );
+  assert.deepEqual(fuzzer.log.at(-1), "/updateReports cli");
 });
