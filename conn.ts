@@ -499,6 +499,11 @@ const COPY_LIMIT = 4096;
 const MAX_CHUNK = 16 * 1024 * 1024;
 /** First piece of a message payload allocated before its bytes arrive. */
 const FIRST_CHUNK = 64 * 1024;
+/**
+ * Most compressed bytes gathered for one inflate call when a frame is not
+ * buffered whole (the inflater slices them by the read limit anyway).
+ */
+const INFLATE_PIECE = 64 * 1024;
 /** How long a failed connection waits for its close frame to be written. */
 const FAIL_CLOSE_TIMEOUT = 1000;
 
@@ -1022,9 +1027,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       // a header that merely claims a huge length costs little until the
       // bytes really come. Under a read limit the application accepted
       // messages of that size, so a frame within it is allocated at once
-      // (and a single-frame message is returned without a copy).
-      const chunks: Uint8Array[] = [];
-      let total = 0;
+      // (and a single-frame message is returned without a copy). Small
+      // frames fill the free end of the last piece: a message of many tiny
+      // fragments costs about its payload, not an object per fragment.
+      const payload = new PayloadBuilder();
       const atOnce = Math.max(FIRST_CHUNK, this.#readLimit);
       // A compressed message is inflated as its payload arrives: neither its
       // compressed nor its inflated bytes are held beyond the read limit.
@@ -1033,33 +1039,28 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
           await this.#nextDataFrame();
           continue;
         }
-        for (const chunk of await this.#inflateNext()) {
-          chunks.push(chunk);
-          total += chunk.length;
-        }
+        for (const chunk of await this.#inflateNext()) payload.add(chunk);
       }
       while (!this.#messageCompressed) {
         while (this.#remaining > 0) {
-          const chunk = new Uint8Array(
-            Math.min(this.#remaining, Math.max(atOnce, total), MAX_CHUNK),
+          const total = payload.total;
+          const space = payload.space(
+            Math.min(
+              Math.max(this.#remaining, total),
+              Math.max(atOnce, total),
+              MAX_CHUNK,
+            ),
           );
-          await this.#readPayloadInto(chunk);
-          chunks.push(chunk);
-          total += chunk.length;
+          const n = Math.min(space.length, this.#remaining);
+          await this.#readPayloadInto(space.subarray(0, n));
+          payload.commit(n);
         }
         if (this.#frameFin) break;
         await this.#nextDataFrame();
       }
       this.#messagePending = false;
       this.#handling = true;
-      if (chunks.length === 1) return { type, data: chunks[0] };
-      const data = new Uint8Array(total);
-      let offset = 0;
-      for (const chunk of chunks) {
-        data.set(chunk, offset);
-        offset += chunk.length;
-      }
-      return { type, data };
+      return { type, data: payload.result() };
     } catch (error) {
       throw this.#failRead(error);
     } finally {
@@ -2203,25 +2204,30 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   }
 
   /**
-   * Inflates the next piece of the current compressed message: what the
-   * read buffer holds of the current frame (reading once when it is empty),
-   * unmasked, or nothing at the end of a frame. Returns the inflated chunks
+   * Inflates the next piece of the current compressed message, unmasked:
+   * the rest of the current frame when the read buffer holds it, otherwise
+   * up to INFLATE_PIECE bytes of it gathered first (one inflate call per
+   * frame is much cheaper than one per read: each call costs a few stream
+   * writes), or nothing at the end of a frame. Returns the inflated chunks
    * (the caller owns them), text already checked as UTF-8.
    */
   async #inflateNext(): Promise<Uint8Array[]> {
     let piece: Uint8Array = EMPTY;
     if (this.#remaining > 0) {
-      if (this.#rend === this.#rpos) await this.#fill(1);
-      const n = Math.min(this.#rend - this.#rpos, this.#remaining);
-      piece = this.#rbuf.subarray(this.#rpos, this.#rpos + n);
-      this.#rpos += n;
-      this.#consume(piece);
+      if (this.#rend - this.#rpos >= this.#remaining) {
+        // A view of the read buffer: nothing reads into it until the
+        // inflate below is over, and the inflater is done with it by then.
+        piece = this.#rbuf.subarray(this.#rpos, this.#rpos + this.#remaining);
+        this.#rpos += piece.length;
+        this.#consume(piece);
+      } else {
+        piece = new Uint8Array(Math.min(this.#remaining, INFLATE_PIECE));
+        await this.#readPayloadInto(piece);
+      }
     }
     const final = this.#remaining === 0 && this.#frameFin;
     const limit = this.#readLimit === 0 ? Infinity : this.#readLimit;
     const slot = this.#inflaterSlot ??= new InflaterSlot();
-    // The piece is a view of the read buffer: nothing reads into it until
-    // this await is over, and the inflater is done with it by then.
     let chunks: Uint8Array[];
     try {
       chunks = await slot.inflate(piece, final, limit);
@@ -2833,6 +2839,84 @@ class MessageIterator implements AsyncIterator<Message> {
 
   next(): Promise<IteratorResult<Message>> {
     return this.#conn.readMessage().then(nextResult, endOnNormalClose);
+  }
+}
+
+/**
+ * Collects the payload of a message read whole: pieces are filled (or
+ * copied) into the free end of the last one, and a new one, at least as
+ * large as everything so far, is made only when it is full. So a message of
+ * n tiny fragments costs O(log n) arrays and at most twice its size, and a
+ * message that fits one piece is returned without a copy.
+ */
+class PayloadBuilder {
+  #done: Uint8Array[] = [];
+  #tail: Uint8Array = EMPTY;
+  #used = 0;
+  /** Bytes collected so far. */
+  total = 0;
+
+  /** The free end of the last piece, or a new piece of `size` bytes. */
+  space(size: number): Uint8Array {
+    if (this.#used === this.#tail.length) {
+      this.#seal();
+      this.#tail = new Uint8Array(size);
+      this.#used = 0;
+    }
+    return this.#tail.subarray(this.#used);
+  }
+
+  /** Records that `n` bytes were written into what space() returned. */
+  commit(n: number): void {
+    this.#used += n;
+    this.total += n;
+  }
+
+  /** Appends an owned chunk: kept as it is when large, copied when small. */
+  add(chunk: Uint8Array): void {
+    const length = chunk.length;
+    if (length <= this.#tail.length - this.#used) {
+      this.#tail.set(chunk, this.#used);
+    } else {
+      this.#seal();
+      if (this.total === 0 || length >= COPY_LIMIT) {
+        this.#tail = chunk;
+      } else {
+        this.#tail = new Uint8Array(
+          Math.min(Math.max(length, this.total), MAX_CHUNK),
+        );
+        this.#tail.set(chunk);
+      }
+      this.#used = 0;
+    }
+    this.#used += length;
+    this.total += length;
+  }
+
+  #seal(): void {
+    if (this.#used === 0) return;
+    this.#done.push(
+      this.#used === this.#tail.length
+        ? this.#tail
+        : this.#tail.subarray(0, this.#used),
+    );
+  }
+
+  /** The whole payload in one array. */
+  result(): Uint8Array {
+    if (this.#done.length === 0) {
+      return this.#used === this.#tail.length
+        ? this.#tail
+        : this.#tail.slice(0, this.#used);
+    }
+    this.#seal();
+    const data = new Uint8Array(this.total);
+    let offset = 0;
+    for (const piece of this.#done) {
+      data.set(piece, offset);
+      offset += piece.length;
+    }
+    return data;
   }
 }
 
