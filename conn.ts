@@ -1225,7 +1225,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * Writes a whole message. Data messages wait behind an open
    * {@linkcode Conn.nextWriter}; control types go to
    * {@linkcode Conn.writeControl}. Resolves once the frame is queued while
-   * little is queued, otherwise once it is written (backpressure).
+   * little is queued, otherwise once it is written (backpressure). With
+   * permessage-deflate (see {@linkcode Conn.compression}) a data message of
+   * at least the compression threshold is compressed first, in turn, so
+   * messages keep their order.
    *
    * @param type The message type.
    * @param data The payload, or a string sent as its UTF-8.
@@ -1276,6 +1279,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     if (blocked !== undefined) return Promise.reject(blocked);
     let written: Promise<void>;
     if (this.#compressing(bytes.length)) {
+      // Compressed later, in turn: like a small frame copied into the write
+      // buffer, a small payload is the caller's again once this returns.
+      if (bytes === data && bytes.length < COPY_LIMIT) bytes = bytes.slice();
       written = this.#writeLocked(0x80 | type, bytes, true);
     } else if (this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT) {
       written = this.#append(0x80 | type, bytes, false);

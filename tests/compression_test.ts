@@ -229,6 +229,27 @@ Deno.test("writeMessage() keeps compressed and uncompressed messages and control
   remote.close();
 });
 
+Deno.test("writeMessage() with compression lets the caller reuse a small payload once it returns", async () => {
+  const { conn, remote, reader } = rawPeer("server", {
+    compressionThreshold: 0,
+  });
+  const buffer = utf8("a".repeat(1000));
+  const writes = [conn.writeMessage(MESSAGE_TYPE.Binary, buffer)];
+  buffer.fill(0x62); // "b"
+  writes.push(conn.writeMessage(MESSAGE_TYPE.Binary, buffer));
+  await Promise.all(writes);
+  assert.equal(
+    decoder.decode(inflate((await reader.next())!.payload)),
+    "a".repeat(1000),
+  );
+  assert.equal(
+    decoder.decode(inflate((await reader.next())!.payload)),
+    "b".repeat(1000),
+  );
+  conn.close();
+  remote.close();
+});
+
 Deno.test("a server never compresses for a client that limited its window, but still inflates", async () => {
   const negotiated = negotiateDeflate(
     "permessage-deflate; server_max_window_bits=10",
