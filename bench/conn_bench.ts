@@ -118,3 +118,30 @@ Deno.bench({
     }
   },
 });
+
+// Large messages in memory: the server reads each payload into one buffer
+// with room for its echo's header in front, so the echo is a single write.
+const large = echoPair();
+for (
+  const [name, size, count] of [
+    ["64 KiB", 64 * 1024, 64],
+    ["1 MiB", 1 << 20, 4],
+  ] as const
+) {
+  const data = new Uint8Array(size).fill(0x62);
+  Deno.bench({
+    name: `echo ${count} x ${name}, 4 in flight`,
+    group: `echo ${name}`,
+    async fn() {
+      let sent = 0;
+      for (; sent < 4; sent++) large.writeMessage(MESSAGE_TYPE.Binary, data);
+      for (let got = 0; got < count; got++) {
+        await large.readMessage();
+        if (sent < count) {
+          large.writeMessage(MESSAGE_TYPE.Binary, data);
+          sent++;
+        }
+      }
+    },
+  });
+}
