@@ -1162,7 +1162,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   /**
    * Sets the largest message the peer may send, in bytes; 0 (the default)
-   * means no limit. A larger message fails the connection with 1009.
+   * means no limit. A larger message fails the connection with 1009. A
+   * compressed message (permessage-deflate) is bounded by its inflated size,
+   * checked while it is inflated, so a decompression bomb is refused after
+   * about `limit` bytes.
    *
    * @param limit The limit in bytes.
    * @throws {RangeError} The limit is not a non-negative integer.
