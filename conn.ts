@@ -1975,9 +1975,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       const length = h.length;
       const continuation = h.opcode === OPCODE.Continuation;
       const before = continuation ? this.#messageLength : 0;
-      // A compressed message is bounded by its inflated size instead (RFC
-      // 7692 section 8.1 leaves the limit to us): its compressed bytes are
-      // inflated as they arrive and never held whole.
+      // A compressed message is bounded by its inflated size instead, which
+      // is what the application cares about (a bomb is small on the wire);
+      // its compressed bytes are inflated as they arrive, never held whole.
       if (
         this.#readLimit > 0 && before + length > this.#readLimit &&
         !(continuation ? this.#messageCompressed : h.rsv1)
