@@ -295,16 +295,12 @@ Deno.test("dial() refuses headers that clash with the handshake's own", async ()
   }
 });
 
-Deno.test("new Dialer() refuses enableCompression, bad subprotocols and sizes", () => {
-  assert.throws(
-    () => new Dialer({ enableCompression: true }),
-    /Cannot enable compression/,
-  );
+Deno.test("new Dialer() refuses bad subprotocols and sizes", () => {
   assert.throws(() => new Dialer({ subprotocols: ["a b"] }), TypeError);
   assert.throws(() => new Dialer({ subprotocols: ["a", "a"] }), TypeError);
   assert.throws(() => new Dialer({ handshakeTimeout: -1 }), RangeError);
   assert.throws(() => new Dialer({ readBufferSize: NaN }), RangeError);
-  assert.doesNotThrow(() => new Dialer({ enableCompression: false }));
+  assert.throws(() => new Dialer({ compressionThreshold: -1 }), RangeError);
 });
 
 // ---------------------------------------------------------------------------

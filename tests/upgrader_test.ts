@@ -725,17 +725,6 @@ Deno.test("upgradeConnection() survives a client that hangs up right after its r
   }
 });
 
-Deno.test("new Upgrader() refuses enableCompression until deflate negotiation exists", () => {
-  assert.throws(
-    () => new Upgrader({ enableCompression: true }),
-    (error: Error) =>
-      error instanceof TypeError &&
-      error.message ===
-        "Cannot create the Upgrader: enableCompression is not supported yet",
-  );
-  new Upgrader({ enableCompression: false });
-});
-
 Deno.test("new Upgrader() refuses invalid options", () => {
   const invalid: [UpgraderOptions, typeof TypeError | typeof RangeError][] = [
     [{ readBufferSize: 0 }, RangeError],
@@ -749,6 +738,7 @@ Deno.test("new Upgrader() refuses invalid options", () => {
     [{ error: "x" as unknown as () => Response }, TypeError],
     [{ subprotocols: "chat" as unknown as string[] }, TypeError],
     [{ writeBufferPool: {} as unknown as BufferPool }, TypeError],
+    [{ compressionThreshold: -1 }, RangeError],
   ];
   for (const [options, type] of invalid) {
     assert.throws(() => new Upgrader(options), type, JSON.stringify(options));
