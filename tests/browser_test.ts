@@ -3,8 +3,7 @@
 // missing one fails these tests with a message saying so instead of skipping.
 import assert from "node:assert/strict";
 // A test-only dependency; the library itself has none.
-// deno-lint-ignore no-import-prefix
-import * as playwright from "npm:playwright-core@1";
+import * as playwright from "playwright-core";
 import type { Conn } from "../conn.ts";
 import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";

@@ -4,8 +4,7 @@
 
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
-// deno-lint-ignore no-import-prefix
-import NodeWebSocket, { WebSocketServer } from "npm:ws@8";
+import NodeWebSocket, { WebSocketServer } from "ws";
 import {
   CloseError,
   Conn,

@@ -1,7 +1,6 @@
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
-// deno-lint-ignore no-import-prefix
-import NodeWebSocket, { WebSocketServer } from "npm:ws@8";
+import NodeWebSocket, { WebSocketServer } from "ws";
 import { computeAcceptKey } from "../_handshake.ts";
 import { encodeHeader, mask, OPCODE, parseHeader } from "../frame.ts";
 import {

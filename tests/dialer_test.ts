@@ -1,6 +1,5 @@
 import assert from "node:assert/strict";
-// deno-lint-ignore no-import-prefix
-import { WebSocketServer } from "npm:ws@8";
+import { WebSocketServer } from "ws";
 import {
   BadHandshakeError,
   type CookieJar,

@@ -8,8 +8,7 @@ import assert from "node:assert/strict";
 import type { Buffer } from "node:buffer";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
-// deno-lint-ignore no-import-prefix
-import NodeWebSocket from "npm:ws@8";
+import NodeWebSocket from "ws";
 import { CloseError, type Conn } from "../conn.ts";
 import { serve, Upgrader } from "../upgrader.ts";
 
