@@ -565,6 +565,26 @@ Deno.test("filewatch pushes the file on connect and whenever it changes", async 
   await Deno.remove(dir, { recursive: true });
 });
 
+Deno.test("chat and filewatch refuse a pingPeriod that is not under pongWait", () => {
+  // Checked before listening: nothing is bound, so nothing needs closing.
+  assert.throws(
+    () => startChat({ port: 0, pongWait: 1000, pingPeriod: 1000 }),
+    {
+      name: "RangeError",
+      message:
+        "Cannot start the chat: pingPeriod (1000 ms) must be less than pongWait (1000 ms)",
+    },
+  );
+  assert.throws(
+    () => startFilewatch({ port: 0, path: "x", pingPeriod: 90_000 }),
+    {
+      name: "RangeError",
+      message:
+        "Cannot start the file watch: pingPeriod (90000 ms) must be less than pongWait (60000 ms)",
+    },
+  );
+});
+
 // autobahn
 
 Deno.test("autobahn server echoes on /, /f and /p, and 404s elsewhere", async () => {

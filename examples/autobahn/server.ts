@@ -23,12 +23,12 @@ import {
   type Conn,
   isCloseError,
   PreparedMessage,
-  serve,
   type ServeHandler,
   type Server,
   Upgrader,
 } from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
+import { type ConnectionHook, listen, type ListenOptions } from "../_shared.ts";
 
 /**
  * The suite's largest messages are 16 MiB (cases 9.x); the default read limit
@@ -44,25 +44,13 @@ export const ECHO_PATHS = {
 } as const;
 
 /** Options for {@linkcode createHandler}. */
-export interface HandlerOptions {
+export interface HandlerOptions extends ConnectionHook {
   /** Log every connection that ends with an error. */
   verbose?: boolean;
-  /**
-   * Called for every upgraded connection, with a promise that settles (never
-   * rejects) once the server is done with it.
-   */
-  onConnection?: (conn: Conn, done: Promise<void>) => void;
 }
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends HandlerOptions {
-  /** Port to listen on; 0 picks a free one. */
-  port: number;
-  /** Interface to listen on (default `127.0.0.1`). */
-  hostname?: string;
-  /** Called once the listener is bound. */
-  onListen?: (addr: Deno.NetAddr) => void;
-}
+export interface StartOptions extends HandlerOptions, ListenOptions {}
 
 /**
  * Runs an echo loop until the connection ends, then closes it. A close from
@@ -119,7 +107,7 @@ async function echoPrepared(conn: Conn): Promise<never> {
  * paths of {@linkcode ECHO_PATHS}, with every origin and compression allowed.
  *
  * @param options Logging and the connection hook.
- * @returns A handler for {@linkcode serve}.
+ * @returns A handler for `serve()`.
  */
 export function createHandler(options: HandlerOptions = {}): ServeHandler {
   const upgrader = new Upgrader({
@@ -151,11 +139,7 @@ export function createHandler(options: HandlerOptions = {}): ServeHandler {
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
  */
 export function startServer(options: StartOptions): Server {
-  return serve({
-    port: options.port,
-    hostname: options.hostname ?? "127.0.0.1",
-    onListen: options.onListen ?? (() => {}),
-  }, createHandler(options));
+  return listen(options, createHandler(options));
 }
 
 if (import.meta.main) {

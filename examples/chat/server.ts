@@ -27,21 +27,26 @@ import {
   isUnexpectedCloseError,
   MESSAGE_TYPE,
   PreparedMessage,
-  serve,
   type ServeHandler,
   type Server,
   Upgrader,
 } from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
+import {
+  type ConnectionHook,
+  deadline,
+  keepalive,
+  type KeepaliveOptions,
+  listen,
+  type ListenOptions,
+  servePage,
+} from "../_shared.ts";
 
-/** Timing and size limits of a chat server; every field has gorilla's default. */
-export interface ChatOptions {
-  /** Time allowed to write one message or ping, in ms (default 10 s). */
-  writeWait?: number;
-  /** Time allowed between two pongs (or messages) from the peer, in ms (default 60 s). */
-  pongWait?: number;
-  /** Ping period in ms; must be less than `pongWait` (default 9/10 of it). */
-  pingPeriod?: number;
+/**
+ * Timing and size limits of a chat server; every field has gorilla's default
+ * (the keepalive timings: 10 s, 60 s and 54 s).
+ */
+export interface ChatOptions extends KeepaliveOptions {
   /** Largest message accepted from a client, in bytes (default 512). */
   maxMessageSize?: number;
   /** Messages queued for a client before it counts as too slow (default 256). */
@@ -49,45 +54,19 @@ export interface ChatOptions {
 }
 
 /** Options for {@linkcode createHandler}. */
-export interface HandlerOptions extends ChatOptions {
-  /**
-   * Called for every upgraded connection, with a promise that settles (never
-   * rejects) once the server is done with it.
-   */
-  onConnection?: (conn: Conn, done: Promise<void>) => void;
-}
+export interface HandlerOptions extends ChatOptions, ConnectionHook {}
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends HandlerOptions {
-  /** Port to listen on; 0 picks a free one. */
-  port: number;
-  /** Interface to listen on (default `127.0.0.1`). */
-  hostname?: string;
-  /** Called once the listener is bound. */
-  onListen?: (addr: Deno.NetAddr) => void;
-}
+export interface StartOptions extends HandlerOptions, ListenOptions {}
 
 type Limits = Required<ChatOptions>;
 
 function limits(options: ChatOptions): Limits {
-  const pongWait = options.pongWait ?? 60_000;
-  const pingPeriod = options.pingPeriod ?? pongWait * 9 / 10;
-  if (!(pingPeriod < pongWait)) {
-    throw new RangeError(
-      `Cannot start the chat: pingPeriod (${pingPeriod} ms) must be less than pongWait (${pongWait} ms)`,
-    );
-  }
   return {
-    writeWait: options.writeWait ?? 10_000,
-    pongWait,
-    pingPeriod,
+    ...keepalive(options, "chat"),
     maxMessageSize: options.maxMessageSize ?? 512,
     sendQueueSize: options.sendQueueSize ?? 256,
   };
-}
-
-function deadline(ms: number): Date {
-  return new Date(Date.now() + ms);
 }
 
 const decoder = new TextDecoder();
@@ -296,7 +275,7 @@ const page = new URL("./home.html", import.meta.url);
  *
  * @param hub The hub every client joins.
  * @param options Limits and the connection hook.
- * @returns A handler for {@linkcode serve}.
+ * @returns A handler for `serve()`.
  * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
  */
 export function createHandler(
@@ -313,16 +292,7 @@ export function createHandler(
       options.onConnection?.(conn, done);
       return;
     }
-    if (pathname !== "/") return new Response("Not found\n", { status: 404 });
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return new Response("Method not allowed\n", {
-        status: 405,
-        headers: { allow: "GET, HEAD" },
-      });
-    }
-    return new Response(await Deno.readFile(page), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
+    return servePage(request, page);
   };
 }
 
@@ -338,12 +308,7 @@ export function startServer(
   options: StartOptions,
 ): { server: Server; hub: Hub } {
   const hub = new Hub();
-  const server = serve({
-    port: options.port,
-    hostname: options.hostname ?? "127.0.0.1",
-    onListen: options.onListen ?? (() => {}),
-  }, createHandler(hub, options));
-  return { server, hub };
+  return { server: listen(options, createHandler(hub, options)), hub };
 }
 
 if (import.meta.main) {

@@ -21,12 +21,18 @@ import {
   CLOSE_CODE,
   type Conn,
   MESSAGE_TYPE,
-  serve,
   type ServeHandler,
   type Server,
   Upgrader,
 } from "../../mod.ts";
 import { exitWithUsage, parsePort } from "../_cli.ts";
+import {
+  type ConnectionHook,
+  deadline,
+  listen,
+  type ListenOptions,
+  servePage,
+} from "../_shared.ts";
 
 /** What to run for each connection, and how long to wait for it. */
 export interface CommandOptions {
@@ -48,30 +54,13 @@ export interface CommandOptions {
 }
 
 /** Options for {@linkcode createHandler}. */
-export interface HandlerOptions extends CommandOptions {
-  /**
-   * Called for every upgraded connection, with a promise that settles (never
-   * rejects) once the server is done with it.
-   */
-  onConnection?: (conn: Conn, done: Promise<void>) => void;
-}
+export interface HandlerOptions extends CommandOptions, ConnectionHook {}
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends HandlerOptions {
-  /** Port to listen on; 0 picks a free one. */
-  port: number;
-  /** Interface to listen on (default `127.0.0.1`). */
-  hostname?: string;
-  /** Called once the listener is bound. */
-  onListen?: (addr: Deno.NetAddr) => void;
-}
+export interface StartOptions extends HandlerOptions, ListenOptions {}
 
 const encoder = new TextEncoder();
 const NEWLINE = encoder.encode("\n");
-
-function deadline(ms: number): Date {
-  return new Date(Date.now() + ms);
-}
 
 /** Waits for `promise` at most `ms`; resolves false on timeout. */
 async function settlesWithin(promise: Promise<unknown>, ms: number) {
@@ -210,7 +199,7 @@ const page = new URL("./home.html", import.meta.url);
  * WebSocket upgrade on `/ws`.
  *
  * @param options The command, its limits and the connection hook.
- * @returns A handler for {@linkcode serve}.
+ * @returns A handler for `serve()`.
  */
 export function createHandler(
   options: HandlerOptions,
@@ -224,16 +213,7 @@ export function createHandler(
       options.onConnection?.(conn, done);
       return;
     }
-    if (pathname !== "/") return new Response("Not found\n", { status: 404 });
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return new Response("Method not allowed\n", {
-        status: 405,
-        headers: { allow: "GET, HEAD" },
-      });
-    }
-    return new Response(await Deno.readFile(page), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
+    return servePage(request, page);
   };
 }
 
@@ -245,11 +225,7 @@ export function createHandler(
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
  */
 export function startServer(options: StartOptions): Server {
-  return serve({
-    port: options.port,
-    hostname: options.hostname ?? "127.0.0.1",
-    onListen: options.onListen ?? (() => {}),
-  }, createHandler(options));
+  return listen(options, createHandler(options));
 }
 
 const USAGE =

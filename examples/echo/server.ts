@@ -4,7 +4,7 @@
  *
  * `GET /` without an upgrade serves a page whose script talks to `/ws`; a
  * WebSocket upgrade is accepted on any path, so tools can connect to `/`.
- * This is also the server the benchmark harness runs, so the connection loop
+ * This is also the server external echo benchmarks run, so the connection loop
  * is the plain `readMessage()` / `writeMessage()` loop of gorilla's echo
  * example and nothing else.
  *
@@ -19,33 +19,26 @@ import {
   type Conn,
   isCloseError,
   isWebSocketUpgrade,
-  serve,
   type ServeHandler,
   type Server,
   Upgrader,
 } from "../../mod.ts";
 import { parseServerArgs } from "../_cli.ts";
+import {
+  type ConnectionHook,
+  listen,
+  type ListenOptions,
+  servePage,
+} from "../_shared.ts";
 
 /** Options for {@linkcode createHandler} and {@linkcode startServer}. */
-export interface EchoOptions {
+export interface EchoOptions extends ConnectionHook {
   /** Negotiate permessage-deflate (RFC 7692) with clients that offer it. */
   compress?: boolean;
-  /**
-   * Called for every upgraded connection, with a promise that settles (never
-   * rejects) once the server is done with it.
-   */
-  onConnection?: (conn: Conn, done: Promise<void>) => void;
 }
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends EchoOptions {
-  /** Port to listen on; 0 picks a free one. */
-  port: number;
-  /** Interface to listen on (default `127.0.0.1`). */
-  hostname?: string;
-  /** Called once the listener is bound. */
-  onListen?: (addr: Deno.NetAddr) => void;
-}
+export interface StartOptions extends EchoOptions, ListenOptions {}
 
 const page = new URL("./index.html", import.meta.url);
 
@@ -74,7 +67,7 @@ export async function echo(conn: Conn): Promise<void> {
  * every WebSocket upgrade.
  *
  * @param options Compression and the connection hook.
- * @returns A handler for {@linkcode serve}.
+ * @returns A handler for `serve()`.
  * @throws {TypeError} If the Upgrader refuses the options.
  */
 export function createHandler(
@@ -89,17 +82,7 @@ export function createHandler(
       options.onConnection?.(conn, done);
       return;
     }
-    const { pathname } = new URL(request.url);
-    if (pathname !== "/") return new Response("Not found\n", { status: 404 });
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return new Response("Method not allowed\n", {
-        status: 405,
-        headers: { allow: "GET, HEAD" },
-      });
-    }
-    return new Response(await Deno.readFile(page), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
+    return servePage(request, page);
   };
 }
 
@@ -111,11 +94,7 @@ export function createHandler(
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
  */
 export function startServer(options: StartOptions): Server {
-  return serve({
-    port: options.port,
-    hostname: options.hostname ?? "127.0.0.1",
-    onListen: options.onListen ?? (() => {}),
-  }, createHandler(options));
+  return listen(options, createHandler(options));
 }
 
 if (import.meta.main) {

@@ -18,45 +18,34 @@
 import {
   type Conn,
   MESSAGE_TYPE,
-  serve,
   type ServeHandler,
   type Server,
   Upgrader,
 } from "../../mod.ts";
 import { exitWithUsage, parseServerArgs } from "../_cli.ts";
+import {
+  type ConnectionHook,
+  deadline,
+  keepalive,
+  type KeepaliveOptions,
+  listen,
+  type ListenOptions,
+  servePage,
+} from "../_shared.ts";
 
-/** What to watch and how often. */
-export interface FilewatchOptions {
+/** What to watch and how often, with the keepalive timings. */
+export interface FilewatchOptions extends KeepaliveOptions {
   /** The file to watch. */
   path: string;
   /** How often to check the file, in ms (default 500). */
   pollInterval?: number;
-  /** Time allowed to write one update or ping, in ms (default 10 s). */
-  writeWait?: number;
-  /** Time allowed between two pongs from the peer, in ms (default 60 s). */
-  pongWait?: number;
-  /** Ping period in ms; must be less than `pongWait` (default 9/10 of it). */
-  pingPeriod?: number;
 }
 
 /** Options for {@linkcode createHandler}. */
-export interface HandlerOptions extends FilewatchOptions {
-  /**
-   * Called for every upgraded connection, with a promise that settles (never
-   * rejects) once the server is done with it.
-   */
-  onConnection?: (conn: Conn, done: Promise<void>) => void;
-}
+export interface HandlerOptions extends FilewatchOptions, ConnectionHook {}
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends HandlerOptions {
-  /** Port to listen on; 0 picks a free one. */
-  port: number;
-  /** Interface to listen on (default `127.0.0.1`). */
-  hostname?: string;
-  /** Called once the listener is bound. */
-  onListen?: (addr: Deno.NetAddr) => void;
-}
+export interface StartOptions extends HandlerOptions, ListenOptions {}
 
 /**
  * What the page receives, as JSON text: the file's contents, or why it could
@@ -65,10 +54,6 @@ export interface StartOptions extends HandlerOptions {
 export type Update =
   | { name: string; contents: string }
   | { name: string; error: string };
-
-function deadline(ms: number): Date {
-  return new Date(Date.now() + ms);
-}
 
 /**
  * Reads the file if it changed since `version` (its modification time and
@@ -101,16 +86,23 @@ async function readIfChanged(
  * @param conn A server connection.
  * @param options The file and the timings.
  * @returns Settles when the connection has ended; never rejects.
+ * @throws {RangeError} If `pingPeriod` is not less than `pongWait` (thrown
+ * at once, before the connection is touched).
  */
-export async function watch(
+export function watch(
   conn: Conn,
   options: FilewatchOptions,
 ): Promise<void> {
-  const pollInterval = options.pollInterval ?? 500;
-  const writeWait = options.writeWait ?? 10_000;
-  const pongWait = options.pongWait ?? 60_000;
-  const pingPeriod = options.pingPeriod ?? pongWait * 9 / 10;
+  const timings = keepalive(options, "file watch");
+  return watchLoops(conn, options.path, options.pollInterval ?? 500, timings);
+}
 
+async function watchLoops(
+  conn: Conn,
+  path: string,
+  pollInterval: number,
+  { writeWait, pongWait, pingPeriod }: Required<KeepaliveOptions>,
+): Promise<void> {
   const stop = new AbortController();
 
   // The reader: the page sends nothing but pongs (and the close frame), and
@@ -135,7 +127,7 @@ export async function watch(
     let version = "";
     let nextPing = Date.now() + pingPeriod;
     while (!stop.signal.aborted) {
-      const result = await readIfChanged(options.path, version);
+      const result = await readIfChanged(path, version);
       version = result.version;
       if (result.update !== undefined) {
         conn.setWriteDeadline(deadline(writeWait));
@@ -172,11 +164,13 @@ const page = new URL("./home.html", import.meta.url);
  * WebSocket upgrade on `/ws`.
  *
  * @param options The file, the timings and the connection hook.
- * @returns A handler for {@linkcode serve}.
+ * @returns A handler for `serve()`.
+ * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
  */
 export function createHandler(
   options: HandlerOptions,
 ): ServeHandler {
+  keepalive(options, "file watch"); // fail at start-up, not on the first connection
   const upgrader = new Upgrader();
   return async (request) => {
     const { pathname } = new URL(request.url);
@@ -187,16 +181,7 @@ export function createHandler(
       options.onConnection?.(conn, done);
       return;
     }
-    if (pathname !== "/") return new Response("Not found\n", { status: 404 });
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return new Response("Method not allowed\n", {
-        status: 405,
-        headers: { allow: "GET, HEAD" },
-      });
-    }
-    return new Response(await Deno.readFile(page), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
+    return servePage(request, page);
   };
 }
 
@@ -205,14 +190,11 @@ export function createHandler(
  *
  * @param options Where to listen, and the example's own options.
  * @returns The running server; `shutdown()` stops it.
+ * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
  */
 export function startServer(options: StartOptions): Server {
-  return serve({
-    port: options.port,
-    hostname: options.hostname ?? "127.0.0.1",
-    onListen: options.onListen ?? (() => {}),
-  }, createHandler(options));
+  return listen(options, createHandler(options));
 }
 
 if (import.meta.main) {
