@@ -211,25 +211,44 @@ interface Handover {
 }
 
 /**
- * Forwards to a transport taken from serve() and unregisters the shutdown
- * closer when it is closed.
+ * Forwards to a transport taken from serve(), registers the closer that
+ * graceful shutdown calls, and unregisters it when the transport is closed.
  */
 class UntrackOnClose implements Transport {
+  /** The connection built over this transport, once the 101 is out. */
+  conn: Conn | undefined;
   #inner: Handover["transport"];
   #untrack: () => void;
-  readonly localAddr?: Deno.Addr;
-  readonly remoteAddr?: Deno.Addr;
 
-  constructor(inner: Handover["transport"], untrack: () => void) {
+  // The closer is made here, not in the handshake: a closure there would
+  // share its scope with the Request and its headers and keep them alive
+  // for as long as the connection lives (issue 7, S6).
+  constructor(
+    inner: Handover["transport"],
+    track: NonNullable<Handover["track"]>,
+  ) {
     this.#inner = inner;
-    this.#untrack = untrack;
-    this.localAddr = inner.localAddr;
-    this.remoteAddr = inner.remoteAddr;
+    this.#untrack = track((timeoutMs) => this.#shutdown(timeoutMs));
+  }
+
+  get localAddr(): Deno.Addr | undefined {
+    return this.#inner.localAddr;
+  }
+
+  get remoteAddr(): Deno.Addr | undefined {
+    return this.#inner.remoteAddr;
   }
 
   /** Half-closes (for lingering after an error response), when possible. */
   closeWrite(): Promise<void> {
     return this.#inner.closeWrite?.() ?? Promise.resolve();
+  }
+
+  /** Lets the Conn turn Nagle's algorithm off on the socket beneath. */
+  setNoDelay(noDelay: boolean): void {
+    (this.#inner as { setNoDelay?: (noDelay: boolean) => void }).setNoDelay?.(
+      noDelay,
+    );
   }
 
   read(buffer: Uint8Array): Promise<number | null> {
@@ -243,6 +262,22 @@ class UntrackOnClose implements Transport {
   close(): void {
     this.#untrack();
     this.#inner.close();
+  }
+
+  /**
+   * Graceful shutdown: mid-handshake just closes the socket, afterwards
+   * closes the WebSocket with 1001; the answer to a message being handled
+   * goes out before the close frame.
+   */
+  #shutdown(timeoutMs: number): Promise<void> {
+    if (this.conn === undefined) {
+      closeQuietly(this);
+      return Promise.resolve();
+    }
+    return this.conn.closeGracefully(CLOSE_CODE.GoingAway, "", {
+      timeout: timeoutMs,
+      afterCurrentMessage: true,
+    });
   }
 }
 
@@ -582,24 +617,10 @@ export class Upgrader {
     // the transport (a refusal, the application, the Conn on a fatal error,
     // the closer itself) unregisters it, so a long-running server keeps no
     // closer for a connection that has ended.
-    let conn: Conn | undefined;
-    const transport = handover.track === undefined
-      ? handover.transport
-      : new UntrackOnClose(
-        handover.transport,
-        handover.track((timeoutMs) => {
-          if (conn === undefined) {
-            closeQuietly(transport);
-            return Promise.resolve();
-          }
-          // The answer to a message being handled goes out before the
-          // close frame.
-          return conn.closeGracefully(CLOSE_CODE.GoingAway, "", {
-            timeout: timeoutMs,
-            afterCurrentMessage: true,
-          });
-        }),
-      );
+    const tracked = handover.track === undefined
+      ? undefined
+      : new UntrackOnClose(handover.transport, handover.track);
+    const transport = tracked ?? handover.transport;
     const responseHeaders = await this.#responseHeaders(
       transport,
       request,
@@ -697,6 +718,7 @@ export class Upgrader {
       compression: deflate?.parameters,
       compressionThreshold: this.#options.compressionThreshold,
     } as const;
+    let conn: Conn;
     try {
       conn = new Conn(transport, options);
     } catch (error) {
@@ -704,6 +726,7 @@ export class Upgrader {
       closeQuietly(transport);
       throw error;
     }
+    if (tracked !== undefined) tracked.conn = conn;
     return conn;
   }
 

@@ -1215,3 +1215,50 @@ Deno.test("serve() refuses bad arguments with clear errors", () => {
     { name: "RangeError", message: /maxHeadBytes must be a positive number/ },
   );
 });
+
+Deno.test("serve() + Upgrader: an idle upgraded connection does not keep its Request alive", async () => {
+  // Memory per idle WebSocket (issue 7, S6) is what the Conn holds: the
+  // Request, its headers and serve()'s per-request state must be garbage
+  // once the handler returned. Collecting needs --expose-gc: a child.
+  const upgrader = new URL("../upgrader.ts", import.meta.url).href;
+  const script = `
+    import { serve, Upgrader } from ${JSON.stringify(upgrader)};
+    const upgrader = new Upgrader();
+    const conns = [];
+    let request, handled;
+    const returned = new Promise((resolve) => handled = resolve);
+    const server = serve({ hostname: "127.0.0.1", port: 0, onListen() {} },
+      async (req) => {
+        request = new WeakRef(req);
+        const conn = await upgrader.upgrade(req);
+        conns.push(conn);
+        conn.readMessage().catch(() => {});
+        setTimeout(handled, 0);
+      });
+    const ws = new WebSocket("ws://127.0.0.1:" + server.addr.port + "/");
+    await new Promise((resolve) => ws.onopen = resolve);
+    await returned;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    globalThis.gc();
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    globalThis.gc();
+    console.log(JSON.stringify({
+      collected: request.deref() === undefined,
+      open: conns.length === 1 && !conns[0].closed,
+    }));
+    const closed = new Promise((resolve) => ws.onclose = resolve);
+    conns[0].close();
+    await closed;
+    await server.shutdown();
+  `;
+  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["eval", "--v8-flags=--expose-gc", script],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(code, 0, decoder.decode(stderr));
+  assert.deepEqual(JSON.parse(decoder.decode(stdout)), {
+    collected: true,
+    open: true,
+  });
+});
