@@ -43,6 +43,11 @@ export function utf8(text: string): Uint8Array {
 
 /** Joins byte arrays. */
 export function concat(...parts: Uint8Array[]): Uint8Array {
+  return concatAll(parts);
+}
+
+/** Joins a list of byte arrays, however long (a spread has a size limit). */
+export function concatAll(parts: readonly Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   let offset = 0;
   for (const part of parts) {

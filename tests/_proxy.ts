@@ -3,6 +3,8 @@
 // (RFC 1928 / RFC 1929). Both listen on 127.0.0.1 port 0, remember what they
 // were asked for, and close every socket they own on close().
 
+import { closeQuietly, writeAll } from "./_helpers.ts";
+
 /** A running test proxy. */
 export interface TestProxy {
   /** The proxy's URL, e.g. `http://127.0.0.1:41234`. */
@@ -291,19 +293,5 @@ class Reader {
       offset += n;
     }
     return out;
-  }
-}
-
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  for (let offset = 0; offset < data.length;) {
-    offset += await conn.write(data.subarray(offset));
-  }
-}
-
-function closeQuietly(closer: { close(): void }): void {
-  try {
-    closer.close();
-  } catch {
-    // Already closed.
   }
 }

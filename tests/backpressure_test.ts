@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { Conn, MESSAGE_TYPE } from "../conn.ts";
 import { createPipe } from "../_pipe.ts";
 import { frame, FrameReader, OP } from "./_frames.ts";
+import { tcpConnPair } from "./_helpers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -133,13 +134,7 @@ Deno.test("a client that floods an echo server and never reads stalls it instead
 });
 
 Deno.test("a slow consumer over TCP gets every byte in order while the writer waits for it", async () => {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [serverSocket, clientSocket] = await Promise.all([
-    listener.accept(),
-    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-  ]);
-  const server = new Conn(serverSocket, { role: "server" });
-  const client = new Conn(clientSocket, { role: "client" });
+  const { server, client } = await tcpConnPair();
   const count = 200;
   const size = 32 * KiB;
   let resolved = 0;

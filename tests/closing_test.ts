@@ -17,19 +17,7 @@ import { Dialer } from "../dialer.ts";
 import { Upgrader } from "../upgrader.ts";
 import { createPipe } from "../_pipe.ts";
 import { closePayload, frame, FrameReader, OP, parseClose } from "./_frames.ts";
-
-/** Two Conns over one loopback TCP connection. */
-async function tcpPair(): Promise<{ server: Conn; client: Conn }> {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [serverSocket, clientSocket] = await Promise.all([
-    listener.accept(),
-    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-  ]);
-  return {
-    server: new Conn(serverSocket, { role: "server" }),
-    client: new Conn(clientSocket, { role: "client" }),
-  };
-}
+import { tcpConnPair, writeAll } from "./_helpers.ts";
 
 /** A server Conn whose peer is a raw socket the test drives by hand. */
 async function rawClientPair(): Promise<{
@@ -49,17 +37,11 @@ async function rawClientPair(): Promise<{
   };
 }
 
-async function send(raw: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let offset = 0; offset < bytes.length;) {
-    offset += await raw.write(bytes.subarray(offset));
-  }
-}
-
 const masked = (spec: Parameters<typeof frame>[0]) =>
   frame({ ...spec, mask: true });
 
 Deno.test("closeGracefully() on both sides at once resolves on both, and both reads end with the other's 1000", async () => {
-  const { server, client } = await tcpPair();
+  const { server, client } = await tcpConnPair();
   const reads = [server.readMessage(), client.readMessage()].map((read) =>
     read.then(() => assert.fail("no message was sent"), (error) => error)
   );
@@ -76,7 +58,7 @@ Deno.test("closeGracefully() on both sides at once resolves on both, and both re
 });
 
 Deno.test("close() on both sides at once rejects every pending read and write, and never unobserved", async () => {
-  const { server, client } = await tcpPair();
+  const { server, client } = await tcpConnPair();
   const pending = [
     server.readMessage(),
     client.readMessage(),
@@ -102,11 +84,11 @@ Deno.test("close() on both sides at once rejects every pending read and write, a
 
 Deno.test("a close in the middle of a fragmented message ends readMessage() with the peer's code and is echoed", async () => {
   const { server, raw, frames } = await rawClientPair();
-  await send(
+  await writeAll(
     raw,
     masked({ opcode: OP.text, fin: false, payload: "first half" }),
   );
-  await send(
+  await writeAll(
     raw,
     masked({ opcode: OP.close, payload: closePayload(1001, "gone") }),
   );
@@ -126,7 +108,7 @@ Deno.test("a close in the middle of a fragmented message ends readMessage() with
 
 Deno.test("a close in the middle of a fragmented message fails a streaming reader after the bytes it got", async () => {
   const { server, raw, frames } = await rawClientPair();
-  await send(
+  await writeAll(
     raw,
     masked({
       opcode: OP.binary,
@@ -137,7 +119,10 @@ Deno.test("a close in the middle of a fragmented message fails a streaming reade
   const { reader } = await server.nextReader();
   const buffer = new Uint8Array(16);
   assert.equal(await reader.read(buffer), 3);
-  await send(raw, masked({ opcode: OP.close, payload: closePayload(4000) }));
+  await writeAll(
+    raw,
+    masked({ opcode: OP.close, payload: closePayload(4000) }),
+  );
   await assert.rejects(reader.read(buffer), (e) => isCloseError(e, 4000));
   // The next read keeps failing the same way.
   await assert.rejects(server.readMessage(), (e) => isCloseError(e, 4000));
@@ -151,7 +136,10 @@ Deno.test("a peer's close while our streaming writer is open is echoed between f
   const writer = server.nextWriter(MESSAGE_TYPE.Binary);
   await writer.write(new Uint8Array(8192).fill(1));
   const reading = server.readMessage().catch((error) => error);
-  await send(raw, masked({ opcode: OP.close, payload: closePayload(1000) }));
+  await writeAll(
+    raw,
+    masked({ opcode: OP.close, payload: closePayload(1000) }),
+  );
   assert.ok(isCloseError(await reading, 1000));
   // What went out: fragments of the open message (never finished), then
   // the echoed close, then EOF.
@@ -178,7 +166,7 @@ Deno.test("a peer's close while our streaming writer is open is echoed between f
 });
 
 Deno.test("closeGracefully() while our streaming writer is open completes the handshake; the writer then fails", async () => {
-  const { server, client } = await tcpPair();
+  const { server, client } = await tcpConnPair();
   const writer = client.nextWriter(MESSAGE_TYPE.Text);
   await writer.write("partial ");
   const serverReading = server.readMessage().catch((error) => error);
@@ -206,7 +194,7 @@ Deno.test("the peer vanishing without a close fails a pending read with 1006 and
 Deno.test("the peer vanishing in the middle of a message fails the read with 1006", async () => {
   const { server, raw } = await rawClientPair();
   const whole = masked({ opcode: OP.binary, payload: new Uint8Array(5000) });
-  await send(raw, whole.subarray(0, 2500));
+  await writeAll(raw, whole.subarray(0, 2500));
   const reading = server.readMessage();
   raw.close();
   await assert.rejects(reading, (e) => isCloseError(e, 1006));

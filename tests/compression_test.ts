@@ -21,39 +21,23 @@ import {
 } from "../deflate.ts";
 import { Dialer } from "../dialer.ts";
 import { serve, Upgrader } from "../upgrader.ts";
-import { createPipe, type Delivery, prng } from "../_pipe.ts";
+import { createPipe, type Delivery } from "../_pipe.ts";
 import {
-  concat,
-  FrameReader,
-  frames,
-  OP,
-  parseClose,
-  type RawFrame,
-  type ReadFrame,
-  utf8,
-} from "./_frames.ts";
+  connPair,
+  expectClose,
+  jsonText,
+  pattern,
+  rawPeer,
+  type Role,
+  ROLES,
+  runJsonScript,
+} from "./_helpers.ts";
+import { concat, frames, OP, type RawFrame, utf8 } from "./_frames.ts";
 
-type Role = "server" | "client";
-const ROLES: Role[] = ["server", "client"];
 const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 const NEGOTIATED: DeflateParameters = negotiateDeflate(DEFLATE_OFFER)!
   .parameters;
 const decoder = new TextDecoder();
-
-/** JSON-like text: compresses well, like most WebSocket traffic. */
-function jsonText(size: number): string {
-  let text = "";
-  for (let i = 0; text.length < size; i++) {
-    text += JSON.stringify({ id: i, user: `user${i % 97}`, on: i % 3 === 0 });
-  }
-  return text.slice(0, size);
-}
-
-/** Bytes that barely compress, reproducible. */
-function pattern(size: number, seed = size): Uint8Array {
-  const random = prng(seed);
-  return new Uint8Array(size).map(() => random() * 256);
-}
 
 /** What a zlib peer (ws, browsers) sends: sync flush, tail removed. */
 function deflate(data: Uint8Array | string): Uint8Array {
@@ -73,48 +57,31 @@ function inflate(payload: Uint8Array): Uint8Array {
   );
 }
 
-/** A Conn with compression negotiated on one end of a pipe, raw bytes on the other. */
-function rawPeer(
+/**
+ * {@linkcode rawPeer} with compression negotiated: a Conn on one end of a
+ * pipe, raw bytes on the other.
+ */
+function compressedPeer(
   role: Role,
   options: Partial<ConnOptions> = {},
   delivery?: Delivery,
 ) {
-  const [local, remote] = createPipe({ delivery });
-  const conn = new Conn(local, { role, compression: NEGOTIATED, ...options });
-  const send = (...specs: RawFrame[]) =>
-    remote.write(
-      frames(...specs.map((s) => ({ mask: role === "server", ...s }))),
-    );
-  return { conn, remote, send, reader: new FrameReader(remote) };
+  return rawPeer(role, {
+    delivery,
+    conn: { compression: NEGOTIATED, ...options },
+  });
 }
 
-/** Two Conns with compression negotiated, over one pipe. */
-function connPair(
+/** Two Conns with compression negotiated (threshold 0), over one pipe. */
+function compressedPair(
   options: Partial<ConnOptions> = {},
   delivery: Delivery = "whole",
 ) {
-  const [a, b] = createPipe({ delivery });
-  const base = { compression: NEGOTIATED, compressionThreshold: 0, ...options };
-  return {
-    server: new Conn(a, { role: "server", ...base }),
-    client: new Conn(b, { role: "client", ...base }),
-  };
-}
-
-/** Expects the peer to receive a close frame with `code`, then EOF. */
-async function expectClose(reader: FrameReader, code: number): Promise<void> {
-  let close: ReadFrame | null = null;
-  for (let f; (f = await reader.next()) !== null;) {
-    if (f.opcode === OP.close) {
-      close = f;
-      break;
-    }
-  }
-  assert.ok(close, "a close frame was sent");
-  const parsed = parseClose(close.payload);
-  assert.equal(parsed.code, code, parsed.reason);
-  assert.ok(parsed.reason.length > 0, "the close frame gives a reason");
-  assert.equal(await reader.next(), null, "the transport is closed after it");
+  return connPair(delivery, {
+    compression: NEGOTIATED,
+    compressionThreshold: 0,
+    ...options,
+  });
 }
 
 /** Reads everything a streaming reader yields, `size` bytes at a time. */
@@ -134,7 +101,7 @@ async function readAll(
 
 for (const role of ROLES) {
   Deno.test(`${role}: writeMessage() sets RSV1 and sends a payload zlib inflates`, async () => {
-    const { conn, remote, reader } = rawPeer(role);
+    const { conn, remote, reader } = compressedPeer(role);
     const text = jsonText(5000);
     await conn.writeMessage(MESSAGE_TYPE.Text, text);
     const f = (await reader.next())!;
@@ -150,7 +117,7 @@ for (const role of ROLES) {
 }
 
 Deno.test("writeMessage() sends messages below the threshold uncompressed", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: 100,
   });
   await conn.writeMessage(MESSAGE_TYPE.Text, "a".repeat(99));
@@ -166,7 +133,7 @@ Deno.test("writeMessage() sends messages below the threshold uncompressed", asyn
 });
 
 Deno.test("writeMessage() uses a default threshold of 256 bytes", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: undefined,
   });
   await conn.writeMessage(MESSAGE_TYPE.Binary, new Uint8Array(255));
@@ -178,7 +145,7 @@ Deno.test("writeMessage() uses a default threshold of 256 bytes", async () => {
 });
 
 Deno.test("enableWriteCompression() toggles compression per message, in order", async () => {
-  const { conn, remote, reader } = rawPeer("client", {
+  const { conn, remote, reader } = compressedPeer("client", {
     compressionThreshold: 0,
   });
   const sent: Promise<void>[] = [];
@@ -202,7 +169,7 @@ Deno.test("enableWriteCompression() toggles compression per message, in order", 
 });
 
 Deno.test("writeMessage() keeps compressed and uncompressed messages and control frames in order", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: 1000,
   });
   const sizes = [2000, 10, 50_000, 0, 3000, 999];
@@ -229,7 +196,7 @@ Deno.test("writeMessage() keeps compressed and uncompressed messages and control
 });
 
 Deno.test("writeMessage() with compression lets the caller reuse a small payload once it returns", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: 0,
   });
   const buffer = utf8("a".repeat(1000));
@@ -253,7 +220,7 @@ Deno.test("a server never compresses for a client that limited its window, but s
   const negotiated = negotiateDeflate(
     "permessage-deflate; server_max_window_bits=10",
   )!;
-  const { conn, remote, reader, send } = rawPeer("server", {
+  const { conn, remote, reader, send } = compressedPeer("server", {
     compression: negotiated.parameters,
     compressionThreshold: 0,
   });
@@ -271,7 +238,9 @@ Deno.test("a server never compresses for a client that limited its window, but s
 
 for (const role of ROLES) {
   Deno.test(`${role}: nextWriter() compresses, with RSV1 on the first frame only`, async () => {
-    const { conn, remote, reader } = rawPeer(role, { writeBufferSize: 1024 });
+    const { conn, remote, reader } = compressedPeer(role, {
+      writeBufferSize: 1024,
+    });
     const text = jsonText(10_000);
     const writer = conn.nextWriter(MESSAGE_TYPE.Text);
     for (let i = 0; i < text.length; i += 700) {
@@ -294,7 +263,7 @@ for (const role of ROLES) {
 }
 
 Deno.test("nextWriter() sends a message that ends within its first fragment below the threshold uncompressed", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: 64,
   });
   const small = conn.nextWriter(MESSAGE_TYPE.Text);
@@ -317,7 +286,7 @@ Deno.test("nextWriter() sends a message that ends within its first fragment belo
 });
 
 Deno.test("nextWriter() with threshold 0 sends an empty message as the single byte 00", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compressionThreshold: 0,
   });
   const writer = conn.nextWriter(MESSAGE_TYPE.Binary);
@@ -333,7 +302,7 @@ Deno.test("writePreparedMessage() compresses once and sends the same payload on 
   const prepared = new PreparedMessage(MESSAGE_TYPE.Text, jsonText(4000));
   const payloads: Uint8Array[] = [];
   for (const role of ["server", "server", "client"] as const) {
-    const { conn, remote, reader } = rawPeer(role);
+    const { conn, remote, reader } = compressedPeer(role);
     await conn.writePreparedMessage(prepared);
     const f = (await reader.next())!;
     assert.equal(f.rsv, 4);
@@ -347,7 +316,7 @@ Deno.test("writePreparedMessage() compresses once and sends the same payload on 
 });
 
 Deno.test("without negotiation nothing is compressed, whatever enableWriteCompression says", async () => {
-  const { conn, remote, reader } = rawPeer("server", {
+  const { conn, remote, reader } = compressedPeer("server", {
     compression: undefined,
     compressionThreshold: 0,
   });
@@ -391,7 +360,7 @@ Deno.test("new Conn() checks compression and compressionThreshold", () => {
 
 for (const role of ROLES) {
   Deno.test(`${role}: readMessage() inflates a message from zlib, whole and fragmented with pings between`, async () => {
-    const { conn, remote, send, reader } = rawPeer(role);
+    const { conn, remote, send, reader } = compressedPeer(role);
     const text = jsonText(20_000);
     const payload = deflate(text);
     await send({ opcode: OP.text, rsv1: true, payload });
@@ -431,7 +400,7 @@ for (const role of ROLES) {
 }
 
 Deno.test("readMessage() inflates a message that ends in a final block, then the next one", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   // Z_FINISH: the message ends in a BFINAL block (RFC 7692 section 7.2.3.4).
   const finished = new Uint8Array(zlib.deflateRawSync(utf8(jsonText(3000))));
   await send(
@@ -445,7 +414,7 @@ Deno.test("readMessage() inflates a message that ends in a final block, then the
 });
 
 Deno.test("readMessage() inflates the RFC 7692 section 7.2.3.1 example and an empty block", async () => {
-  const { conn, remote, send } = rawPeer("client");
+  const { conn, remote, send } = compressedPeer("client");
   await send(
     {
       opcode: OP.text,
@@ -461,7 +430,7 @@ Deno.test("readMessage() inflates the RFC 7692 section 7.2.3.1 example and an em
 });
 
 Deno.test("readMessage() mixes compressed and uncompressed messages", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   const specs: RawFrame[] = [];
   for (let i = 0; i < 20; i++) {
     const text = `message ${i} `.repeat(i * 10);
@@ -491,7 +460,7 @@ for (
   ] as [string, RawFrame[]][]
 ) {
   Deno.test(`readMessage() closes with 1002 when RSV1 is set on ${name}`, async () => {
-    const { conn, send, reader } = rawPeer("server");
+    const { conn, send, reader } = compressedPeer("server");
     await send(...spec);
     const error = await conn.readMessage().catch((e) => e);
     assert.ok(error instanceof ProtocolError);
@@ -502,7 +471,9 @@ for (
 }
 
 Deno.test("readMessage() closes with 1002 when RSV1 is set without negotiation", async () => {
-  const { conn, send, reader } = rawPeer("client", { compression: undefined });
+  const { conn, send, reader } = compressedPeer("client", {
+    compression: undefined,
+  });
   await send({ opcode: OP.text, rsv1: true, payload: deflate("hi") });
   const error = await conn.readMessage().catch((e) => e);
   assert.ok(error instanceof ProtocolError);
@@ -513,7 +484,7 @@ Deno.test("readMessage() closes with 1002 when RSV1 is set without negotiation",
 
 Deno.test("readMessage() still closes with 1002 for RSV2 and RSV3 with compression on", async () => {
   for (const bit of ["rsv2", "rsv3"] as const) {
-    const { conn, send, reader } = rawPeer("server");
+    const { conn, send, reader } = compressedPeer("server");
     await send({
       opcode: OP.binary,
       rsv1: true,
@@ -539,7 +510,7 @@ for (
   ] as [string, Uint8Array][]
 ) {
   Deno.test(`readMessage() closes with 1007 on ${name}`, async () => {
-    const { conn, send, reader } = rawPeer("server");
+    const { conn, send, reader } = compressedPeer("server");
     await send({ opcode: OP.binary, rsv1: true, payload });
     const error = await conn.readMessage().catch((e) => e);
     assert.ok(error instanceof ProtocolError, String(error));
@@ -551,7 +522,7 @@ for (
 }
 
 Deno.test("readMessage() validates UTF-8 after inflation: valid text split anywhere passes, invalid closes with 1007", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   const text = "é✓😀".repeat(3000);
   const payload = deflate(text);
   const specs: RawFrame[] = [];
@@ -579,7 +550,7 @@ Deno.test("readMessage() validates UTF-8 after inflation: valid text split anywh
 });
 
 Deno.test("readMessage() closes with 1007 on a compressed text message truncated inside a character", async () => {
-  const { conn, send, reader } = rawPeer("server");
+  const { conn, send, reader } = compressedPeer("server");
   await send({
     opcode: OP.text,
     rsv1: true,
@@ -591,7 +562,7 @@ Deno.test("readMessage() closes with 1007 on a compressed text message truncated
 });
 
 Deno.test("the read limit bounds the inflated size: exactly the limit passes, one byte more closes with 1009", async () => {
-  const { conn, send, reader } = rawPeer("server");
+  const { conn, send, reader } = compressedPeer("server");
   conn.setReadLimit(10_000);
   const zeros = new Uint8Array(10_000);
   await send({ opcode: OP.binary, rsv1: true, payload: deflate(zeros) });
@@ -607,7 +578,7 @@ Deno.test("the read limit bounds the inflated size: exactly the limit passes, on
 });
 
 Deno.test("the read limit does not refuse a compressed message whose payload is larger than its inflated size", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   const data = pattern(4096);
   const payload = deflate(data);
   assert.ok(payload.length > data.length);
@@ -619,7 +590,7 @@ Deno.test("the read limit does not refuse a compressed message whose payload is 
 });
 
 Deno.test("the read limit bounds what nextReader() streams out of a compressed message", async () => {
-  const { conn, send, reader } = rawPeer("client");
+  const { conn, send, reader } = compressedPeer("client");
   conn.setReadLimit(50_000);
   await send({
     opcode: OP.text,
@@ -701,13 +672,11 @@ Deno.test("a 256 MiB bomb over a Conn is refused with 1009 while the process gro
       console.log(JSON.stringify(results));
     `;
     await Deno.writeTextFile(`${dir}/bomb.ts`, script);
-    const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--no-check", `${dir}/bomb.ts`, `${dir}/bomb.bin`],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(code, 0, decoder.decode(stderr));
-    const results = JSON.parse(decoder.decode(stdout));
+    const results = await runJsonScript<{ code: number; growth: number }[]>(
+      `${dir}/bomb.ts`,
+      [`${dir}/bomb.bin`],
+      ["--no-check"],
+    );
     assert.equal(results.length, 2);
     for (const result of results) {
       assert.equal(result.code, 1009);
@@ -722,7 +691,7 @@ Deno.test("a 256 MiB bomb over a Conn is refused with 1009 while the process gro
 });
 
 Deno.test("nextReader() streams the inflated bytes of a fragmented compressed message", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   const data = utf8(jsonText(100_000));
   const payload = deflate(data);
   const half = payload.length >> 1;
@@ -752,7 +721,7 @@ Deno.test("nextReader() streams the inflated bytes of a fragmented compressed me
 });
 
 Deno.test("a compressed message abandoned part-way by nextReader() does not disturb the next one", async () => {
-  const { conn, remote, send } = rawPeer("client");
+  const { conn, remote, send } = compressedPeer("client");
   const payload = deflate(jsonText(50_000));
   await send(
     {
@@ -791,7 +760,7 @@ Deno.test("an EOF at every byte of a compressed message rejects the read with 10
     },
   );
   for (let cut = 0; cut < wire.length; cut++) {
-    const { conn, remote } = rawPeer("server");
+    const { conn, remote } = compressedPeer("server");
     await remote.write(wire.subarray(0, cut));
     remote.close();
     const error = await conn.readMessage().catch((e) => e);
@@ -802,7 +771,7 @@ Deno.test("an EOF at every byte of a compressed message rejects the read with 10
 });
 
 Deno.test("close() during an inflate rejects the read, with nothing unobserved", async () => {
-  const { conn, remote, send } = rawPeer("server");
+  const { conn, remote, send } = compressedPeer("server");
   await send({
     opcode: OP.binary,
     rsv1: true,
@@ -837,7 +806,7 @@ const SIZES = [
 for (const delivery of ["whole", { seed: 7, maxChunk: 3000 }] as Delivery[]) {
   const how = delivery === "whole" ? "whole" : "in random pieces";
   Deno.test(`Conn round trips text and binary of 0 B to 4 MiB, compressed both ways (${how})`, async () => {
-    const { server, client } = connPair({}, delivery);
+    const { server, client } = compressedPair({}, delivery);
     for (const size of SIZES) {
       const text = jsonText(size);
       const binary = pattern(size);
@@ -862,7 +831,7 @@ for (const delivery of ["whole", { seed: 7, maxChunk: 3000 }] as Delivery[]) {
 }
 
 Deno.test("Conn round trips fragmented messages with interleaved pings and per-message toggling", async () => {
-  const { server, client } = connPair({ writeBufferSize: 4096 });
+  const { server, client } = compressedPair({ writeBufferSize: 4096 });
   let pongs = 0;
   client.setPongHandler(() => {
     pongs++;
@@ -895,7 +864,7 @@ Deno.test("Conn round trips fragmented messages with interleaved pings and per-m
 });
 
 Deno.test("a compressed connection that idled past the inflater sweep still inflates", async () => {
-  const { server, client } = connPair();
+  const { server, client } = compressedPair();
   await client.writeMessage(MESSAGE_TYPE.Text, "before");
   assert.equal(decoder.decode((await server.readMessage()).data), "before");
   // The sweep frees an inflater idle for one to two seconds.

@@ -5,7 +5,6 @@ import {
   CloseSentError,
   Conn,
   ConnectionClosedError,
-  type ConnOptions,
   isCloseError,
   isUnexpectedCloseError,
   MESSAGE_TYPE,
@@ -16,6 +15,16 @@ import {
 } from "../conn.ts";
 import { createPipe, type Delivery, prng } from "../_pipe.ts";
 import {
+  connPair,
+  expectClose,
+  pattern,
+  rawPeer,
+  type Role,
+  ROLES,
+  tcpConnPair,
+  textOf,
+} from "./_helpers.ts";
+import {
   closePayload,
   concat,
   frame,
@@ -24,85 +33,8 @@ import {
   OP,
   parseClose,
   type RawFrame,
-  type ReadFrame,
   utf8,
 } from "./_frames.ts";
-
-type Role = "server" | "client";
-const ROLES: Role[] = ["server", "client"];
-
-/** A Conn on one end of a pipe and the raw other end, as its peer. */
-function rawPeer(role: Role, options: {
-  delivery?: Delivery;
-  capacity?: number;
-  conn?: Partial<ConnOptions>;
-} = {}) {
-  const [local, remote] = createPipe({
-    delivery: options.delivery,
-    capacity: options.capacity,
-  });
-  const conn = new Conn(local, { role, ...options.conn });
-  // What the peer sends: masked towards a server (RFC 6455 section 5.1).
-  const send = (...specs: RawFrame[]) =>
-    remote.write(
-      frames(...specs.map((s) => ({ mask: role === "server", ...s }))),
-    );
-  return { conn, local, remote, send, reader: new FrameReader(remote) };
-}
-
-/** Two Conns (server and client) over one pipe. */
-function connPair(
-  delivery: Delivery = "whole",
-  options: Partial<ConnOptions> = {},
-) {
-  const [a, b] = createPipe({ delivery });
-  return {
-    server: new Conn(a, { role: "server", ...options }),
-    client: new Conn(b, { role: "client", ...options }),
-    a,
-    b,
-  };
-}
-
-function pattern(size: number, seed = size): Uint8Array {
-  const random = prng(seed);
-  return new Uint8Array(size).map(() => random() * 256);
-}
-
-/** Text of exactly `size` bytes, mixing 1- to 4-byte characters. */
-function textOf(size: number): string {
-  const pieces = ["a", "é", "✓", "😀"];
-  let out = "";
-  let bytes = 0;
-  for (let i = 0; bytes < size; i++) {
-    const piece = pieces[i % 4];
-    const n = utf8(piece).length;
-    if (bytes + n > size) {
-      out += "z".repeat(size - bytes);
-      break;
-    }
-    out += piece;
-    bytes += n;
-  }
-  return out;
-}
-
-/** Expects the peer to receive a close frame with `code`, then EOF. */
-async function expectClose(reader: FrameReader, code: number) {
-  let close: ReadFrame | null = null;
-  for (let f; (f = await reader.next()) !== null;) {
-    if (f.opcode === OP.close) {
-      close = f;
-      break;
-    }
-  }
-  assert.ok(close, "a close frame was sent");
-  const parsed = parseClose(close.payload);
-  assert.equal(parsed.code, code);
-  assert.ok(parsed.reason.length > 0, "the close frame gives a reason");
-  assert.equal(await reader.next(), null, "the transport is closed after it");
-  return parsed;
-}
 
 // ------------------------------------------------------------ the matrix
 
@@ -1256,13 +1188,7 @@ Deno.test("random garbage at random splits never hangs and never rejects unobser
 // ------------------------------------------------------------ real sockets
 
 Deno.test("a server Conn and a client Conn echo over loopback TCP", async () => {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [serverSocket, clientSocket] = await Promise.all([
-    listener.accept(),
-    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-  ]);
-  const server = new Conn(serverSocket, { role: "server" });
-  const client = new Conn(clientSocket, { role: "client" });
+  const { server, client, clientSocket } = await tcpConnPair();
   assert.deepEqual(server.remoteAddr, clientSocket.localAddr);
   const echo = (async () => {
     for await (const { type, data } of server) {

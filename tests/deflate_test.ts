@@ -18,29 +18,17 @@ import {
   MessageDeflater,
   MessageInflater,
 } from "../_deflate_stream.ts";
+import { concat, concatAll, utf8 } from "./_frames.ts";
+import { jsonText, runJsonScript, writeAll } from "./_helpers.ts";
 
 const ANSWER =
   "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 const encoder = new TextEncoder();
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  const result = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    result.set(part, offset);
-    offset += part.length;
-  }
-  return result;
-}
-
-/** JSON-like text: compresses well, like most WebSocket traffic. */
-function jsonText(size: number): Uint8Array {
-  let text = "";
-  for (let i = 0; text.length < size; i++) {
-    text += JSON.stringify({ id: i, user: `user${i % 97}`, on: i % 3 === 0 });
-  }
-  return encoder.encode(text.slice(0, size));
+/** {@linkcode jsonText} as UTF-8 bytes. */
+function jsonBytes(size: number): Uint8Array {
+  return utf8(jsonText(size));
 }
 
 /** Incompressible bytes of any size (getRandomValues caps at 64 KiB). */
@@ -64,7 +52,7 @@ function zlibCompress(data: Uint8Array): Uint8Array {
 /** How a zlib peer inflates our payload (RFC 7692 section 7.2.2). */
 function zlibInflate(payload: Uint8Array): Uint8Array {
   return new Uint8Array(
-    zlib.inflateRawSync(concat([payload, TAIL]), {
+    zlib.inflateRawSync(concat(payload, TAIL), {
       finishFlush: zlib.constants.Z_SYNC_FLUSH,
     }),
   );
@@ -80,7 +68,7 @@ async function inflateAll(
     const final = i === pieces.length - 1;
     out.push(...await inflater.inflate(pieces[i], { final, limit }));
   }
-  return concat(out);
+  return concatAll(out);
 }
 
 async function inflateOnce(
@@ -381,7 +369,7 @@ async function rawWrites(
 Deno.test("Deno pin: CompressionStream sync-flushes every write and close() appends an empty final block", async () => {
   const outputs = await rawWrites(
     new CompressionStream("deflate-raw"),
-    [jsonText(1000), jsonText(5000), new Uint8Array(0)],
+    [jsonBytes(1000), jsonBytes(5000), new Uint8Array(0)],
     true,
   );
   assert.equal(outputs.length, 4);
@@ -423,13 +411,13 @@ Deno.test("Deno pin: DecompressionStream refuses bytes after a final block and c
 });
 
 Deno.test("Deno pin: DecompressionStream close() does not report a truncated stream", async () => {
-  const payload = zlibCompress(jsonText(2000));
+  const payload = zlibCompress(jsonBytes(2000));
   const outputs = await rawWrites(
     new DecompressionStream("deflate-raw"),
     [payload.subarray(0, payload.length - 10)],
     true,
   );
-  assert.ok(concat(outputs).length < 2000);
+  assert.ok(concatAll(outputs).length < 2000);
 });
 
 // ---------------------------------------------------------------------------
@@ -438,14 +426,14 @@ Deno.test("Deno pin: DecompressionStream close() does not report a truncated str
 Deno.test("compressMessage() output inflates with zlib for sizes 0 B to 4 MiB", async () => {
   const sizes = [0, 1, 125, 126, 2048, 16384, 16385, 65535, 65536, 1 << 20];
   for (const size of sizes) {
-    for (const data of [jsonText(size), randomBytes(size)]) {
+    for (const data of [jsonBytes(size), randomBytes(size)]) {
       const payload = await compressMessage(data);
       assert.ok(payload, `${size}`);
       assert.notDeepEqual(payload.subarray(-4), TAIL);
       assert.deepEqual(zlibInflate(payload), data, `${size}`);
     }
   }
-  const big = jsonText(4 << 20);
+  const big = jsonBytes(4 << 20);
   const payload = await compressMessage(big);
   assert.ok(payload && payload.length < big.length / 4);
   assert.deepEqual(zlibInflate(payload), big);
@@ -459,13 +447,13 @@ Deno.test("compressMessage() compresses an empty message to a single 00 (RFC 769
 });
 
 Deno.test("compressMessage() shrinks JSON above the default threshold", async () => {
-  const data = jsonText(DEFAULT_COMPRESSION_THRESHOLD);
+  const data = jsonBytes(DEFAULT_COMPRESSION_THRESHOLD);
   const payload = await compressMessage(data);
   assert.ok(payload && payload.length < data.length * 0.75);
 });
 
 Deno.test("MessageDeflater pieces form one message whatever the split", async () => {
-  const data = concat([jsonText(70_000), randomBytes(20_000), jsonText(3)]);
+  const data = concat(jsonBytes(70_000), randomBytes(20_000), jsonBytes(3));
   for (const max of [1, 1000, 40_000]) {
     const deflater = new MessageDeflater();
     const payloads: Uint8Array[] = [];
@@ -475,7 +463,7 @@ Deno.test("MessageDeflater pieces form one message whatever the split", async ()
       payloads.push(payload);
     }
     deflater.close();
-    const payload = concat(payloads);
+    const payload = concatAll(payloads);
     assert.deepEqual(zlibInflate(payload), data);
     assert.deepEqual(await inflateOnce(payload), data);
   }
@@ -484,8 +472,8 @@ Deno.test("MessageDeflater pieces form one message whatever the split", async ()
 Deno.test("MessageDeflater returns undefined once its stream is closed", async () => {
   const deflater = new MessageDeflater();
   deflater.close();
-  assert.equal(await deflater.write(jsonText(100)), undefined);
-  assert.equal(await deflater.write(jsonText(100)), undefined);
+  assert.equal(await deflater.write(jsonBytes(100)), undefined);
+  assert.equal(await deflater.write(jsonBytes(100)), undefined);
 });
 
 // ---------------------------------------------------------------------------
@@ -535,7 +523,7 @@ Deno.test("MessageInflater inflates zlib's messages of every size, whole and in 
   const inflater = new MessageInflater();
   const sizes = [0, 1, 125, 126, 2048, 65535, 65536, 300_000];
   for (const size of sizes) {
-    for (const data of [jsonText(size), randomBytes(size)]) {
+    for (const data of [jsonBytes(size), randomBytes(size)]) {
       const payload = zlibCompress(data);
       assert.deepEqual(await inflateAll(inflater, [payload]), data);
       assert.deepEqual(
@@ -555,7 +543,7 @@ Deno.test("MessageInflater inflates zlib's messages of every size, whole and in 
 Deno.test("MessageInflater inflates messages that end in a final block and keeps going", async () => {
   const inflater = new MessageInflater();
   for (const size of [0, 5, 2048, 100_000]) {
-    const data = jsonText(size);
+    const data = jsonBytes(size);
     // zlib's Z_FINISH output: the last block has BFINAL set, no tail.
     const final = new Uint8Array(zlib.deflateRawSync(data));
     assert.deepEqual(await inflateAll(inflater, [final]), data);
@@ -564,7 +552,7 @@ Deno.test("MessageInflater inflates messages that end in a final block and keeps
       data,
     );
     // Followed by the empty stored block RFC 7692 section 7.2.1 adds.
-    const padded = concat([final, new Uint8Array([0x00])]);
+    const padded = concat(final, new Uint8Array([0x00]));
     assert.deepEqual(await inflateAll(inflater, [padded]), data);
     assert.deepEqual(
       await inflateAll(inflater, randomSplit(padded, 3000)),
@@ -579,7 +567,7 @@ Deno.test("MessageInflater inflates messages that end in a final block and keeps
 Deno.test("MessageInflater inflates what compressMessage() produced", async () => {
   const inflater = new MessageInflater();
   for (const size of [0, 100, 2048, 65536, 1 << 20]) {
-    const data = jsonText(size);
+    const data = jsonBytes(size);
     const payload = await compressMessage(data);
     assert.ok(payload);
     assert.deepEqual(await inflateAll(inflater, [payload]), data);
@@ -614,7 +602,7 @@ Deno.test("MessageInflater rejects corrupt data with code 1007", async () => {
 });
 
 Deno.test("MessageInflater rejects a truncated message with code 1007", async () => {
-  const payload = zlibCompress(jsonText(5000));
+  const payload = zlibCompress(jsonBytes(5000));
   for (const cut of [1, 2, 7, 100]) {
     const truncated = payload.subarray(0, payload.length - cut);
     const inflater = new MessageInflater();
@@ -631,8 +619,8 @@ Deno.test("MessageInflater rejects a truncated message with code 1007", async ()
 });
 
 Deno.test("MessageInflater rejects data after a final block with code 1007", async () => {
-  const final = new Uint8Array(zlib.deflateRawSync(jsonText(3000)));
-  const payload = concat([final, new Uint8Array([0x00, 0x00, 0x00])]);
+  const final = new Uint8Array(zlib.deflateRawSync(jsonBytes(3000)));
+  const payload = concat(final, new Uint8Array([0x00, 0x00, 0x00]));
   await assertInflateError(
     inflateOnce(payload),
     1007,
@@ -649,7 +637,7 @@ Deno.test("MessageInflater rejects data after a final block with code 1007", asy
 
 Deno.test("MessageInflater rejects a message one byte over the limit with code 1009", async () => {
   for (const size of [100, 5000, 200_000]) {
-    const payload = zlibCompress(jsonText(size));
+    const payload = zlibCompress(jsonBytes(size));
     await assertInflateError(
       inflateOnce(payload, size - 1),
       1009,
@@ -667,7 +655,7 @@ Deno.test("MessageInflater rejects a message one byte over the limit with code 1
 
 Deno.test("MessageInflater is reusable after close()", async () => {
   const inflater = new MessageInflater();
-  const data = jsonText(3000);
+  const data = jsonBytes(3000);
   const payload = zlibCompress(data);
   await inflater.inflate(payload.subarray(0, 100), {
     final: false,
@@ -685,13 +673,13 @@ Deno.test("MessageInflater closed during an inflate rejects only that call", asy
   inflater.close();
   await assertInflateError(pending, 1007, /closed during the call/);
   // Still usable for the next message.
-  const data = jsonText(1000);
+  const data = jsonBytes(1000);
   assert.deepEqual(await inflateAll(inflater, [zlibCompress(data)]), data);
   inflater.close();
 });
 
 Deno.test("MessageInflater accepts a final block whose trailing 00 comes in its own frame before an empty final one", async () => {
-  const data = jsonText(3000);
+  const data = jsonBytes(3000);
   const final = new Uint8Array(zlib.deflateRawSync(data));
   const inflater = new MessageInflater();
   const pieces = [final, new Uint8Array([0x00]), new Uint8Array(0)];
@@ -711,7 +699,7 @@ function zeroBomb(mebibytes: number): Uint8Array {
       finishFlush: zlib.constants.Z_SYNC_FLUSH,
     }),
   );
-  const bomb = concat(Array.from({ length: mebibytes }, () => piece));
+  const bomb = concatAll(Array.from({ length: mebibytes }, () => piece));
   return bomb.subarray(0, bomb.length - TAIL.length);
 }
 
@@ -750,13 +738,9 @@ Deno.test("MessageInflater refuses a 256 MiB bomb of zeros with 1009 while the p
       console.log(JSON.stringify(results));
     `;
     await Deno.writeTextFile(`${dir}/bomb.ts`, script);
-    const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--no-check", `${dir}/bomb.ts`, `${dir}/bomb.bin`],
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
-    assert.equal(code, 0, new TextDecoder().decode(stderr));
-    const results = JSON.parse(new TextDecoder().decode(stdout));
+    const results = await runJsonScript<
+      { code: number; inflated: number; growth: number }[]
+    >(`${dir}/bomb.ts`, [`${dir}/bomb.bin`], ["--no-check"]);
     for (const result of results) {
       assert.equal(result.code, 1009);
       assert.ok(result.inflated <= 1 << 20, `inflated ${result.inflated}`);
@@ -789,7 +773,7 @@ class RawReader {
     if (n === null) {
       throw new Error("Cannot read: the peer closed the connection");
     }
-    this.#buffer = concat([this.#buffer, chunk.subarray(0, n)]);
+    this.#buffer = concat(this.#buffer, chunk.subarray(0, n));
   }
 
   async head(): Promise<{ status: string; headers: Headers }> {
@@ -852,16 +836,10 @@ function encodeFrame(
   return frame.subarray(0, size + payload.length);
 }
 
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  for (let offset = 0; offset < data.length;) {
-    offset += await conn.write(data.subarray(offset));
-  }
-}
-
 // Twice the same 2 KiB (the second copy would be a few bytes with context
 // takeover, so it proves each side compressed it on its own), then a message
 // under ws's 1024-byte threshold, which goes uncompressed.
-const INTEROP_MESSAGES = [jsonText(2048), jsonText(2048), jsonText(100)];
+const INTEROP_MESSAGES = [jsonBytes(2048), jsonBytes(2048), jsonBytes(100)];
 
 /**
  * Checks the compressed sizes of INTEROP_MESSAGES as received (-1: sent

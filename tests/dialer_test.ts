@@ -12,6 +12,7 @@ import type { Conn } from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
 import { serve, Upgrader } from "../upgrader.ts";
 import { computeAcceptKey } from "../_handshake.ts";
+import { closeQuietly, pattern, textOf } from "./_helpers.ts";
 import { startHttpProxy, startSocks5Proxy } from "./_proxy.ts";
 
 const fixtures = new URL("./fixtures/", import.meta.url);
@@ -199,14 +200,6 @@ async function goodAnswer(key: string, extra = ""): Promise<string> {
     )}\r\n${extra}\r\n`;
 }
 
-function closeQuietly(closer: { close(): void }) {
-  try {
-    closer.close();
-  } catch {
-    // Already closed.
-  }
-}
-
 async function echo(conn: Conn, type: 1 | 2, data: Uint8Array | string) {
   await conn.writeMessage(type, data);
   const message = await conn.readMessage();
@@ -217,21 +210,11 @@ async function echo(conn: Conn, type: 1 | 2, data: Uint8Array | string) {
 /** Payloads at the frame length boundaries, up to 1 MiB. */
 const SIZES = [0, 1, 125, 126, 65535, 65536, 1024 * 1024];
 
-function payload(size: number): Uint8Array {
-  const bytes = new Uint8Array(size);
-  for (let i = 0; i < size; i++) bytes[i] = (i * 31 + 7) & 0xff;
-  return bytes;
-}
-
-function text(size: number): string {
-  return "héllo wörld ✓ ".repeat(Math.ceil(size / 10)).slice(0, size);
-}
-
 async function assertEchoes(conn: Conn) {
   for (const size of SIZES) {
-    const bytes = payload(size);
+    const bytes = pattern(size);
     assert.deepEqual(await echo(conn, MESSAGE_TYPE.Binary, bytes), bytes);
-    const string = text(size);
+    const string = textOf(size);
     assert.equal(
       decoder.decode(await echo(conn, MESSAGE_TYPE.Text, string)),
       string,

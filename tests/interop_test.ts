@@ -11,23 +11,12 @@ import type { AddressInfo } from "node:net";
 import NodeWebSocket from "ws";
 import { CloseError, type Conn } from "../conn.ts";
 import { serve, Upgrader } from "../upgrader.ts";
+import { pattern, textOf } from "./_helpers.ts";
 
 const SIZES = [0, 1, 125, 126, 127, 65535, 65536, 65537, 1 << 20];
 const fixture = (name: string) =>
   Deno.readTextFileSync(new URL(`./fixtures/${name}`, import.meta.url));
 const CA = fixture("ca.pem");
-
-/** A text message of exactly `size` UTF-8 bytes with multi-byte characters. */
-function textOf(size: number): string {
-  const unit = "aé€😀"; // 1 + 2 + 3 + 4 bytes
-  return unit.repeat(Math.floor(size / 10)) + "a".repeat(size % 10);
-}
-
-function binaryOf(size: number): Uint8Array {
-  const bytes = new Uint8Array(size);
-  for (let i = 0; i < size; i++) bytes[i] = (i * 31 + 7) & 0xff;
-  return bytes;
-}
 
 /** An echo server for one client, however it receives its upgrade. */
 interface EchoServer {
@@ -148,7 +137,7 @@ for (const front of ["serve()", "node:http"] as const) {
         const text = textOf(size);
         ws.send(text);
         assert.equal(await next(), text, `text of ${size} B`);
-        const binary = binaryOf(size);
+        const binary = pattern(size);
         ws.send(binary);
         const echoed = await next();
         assert.ok(echoed instanceof ArrayBuffer);
@@ -214,7 +203,7 @@ for (const front of ["serve()", "serve() over TLS", "node:http"] as const) {
           text,
           `text of ${size} B`,
         );
-        const binary = binaryOf(size);
+        const binary = pattern(size);
         ws.send(binary);
         const echoedBinary = await next();
         assert.equal(echoedBinary.isBinary, true);

@@ -3,7 +3,7 @@
 // (run with --v8-flags=--expose-gc so "stats" can collect garbage first).
 //
 // Options come as one JSON argument (see ServerConfig). It prints one JSON
-// line {"port", "compression"} once listening, then answers commands read line by line from
+// line {"port"} once listening, then answers commands read line by line from
 // standard input, each with one JSON line:
 //   stats     memory after forcing GC, open connections, and how each named
 //             connection ended on the server side (the request path names it)
@@ -31,25 +31,7 @@ interface ServerConfig {
 
 const config: ServerConfig = JSON.parse(Deno.args[0] ?? "{}");
 
-/**
- * Offers permessage-deflate when asked and the Upgrader supports it; until
- * it is wired in, the Upgrader refuses the option and the server runs
- * without (it says which in its first line).
- */
-function makeUpgrader(): { upgrader: Upgrader; compression: boolean } {
-  if (config.compression) {
-    try {
-      return {
-        upgrader: new Upgrader({ enableCompression: true }),
-        compression: true,
-      };
-    } catch (error) {
-      if (!(error instanceof TypeError)) throw error;
-    }
-  }
-  return { upgrader: new Upgrader(), compression: false };
-}
-const { upgrader, compression } = makeUpgrader();
+const upgrader = new Upgrader({ enableCompression: config.compression });
 const outcomes: Record<string, string> = {};
 let open = 0;
 let upgraded = 0;
@@ -88,7 +70,7 @@ const server = serve({
   port: 0,
   headTimeout: config.headTimeout,
   onListen(addr) {
-    console.log(JSON.stringify({ port: addr.port, compression }));
+    console.log(JSON.stringify({ port: addr.port }));
   },
   onError(error) {
     console.error("handler error:", error);

@@ -3,6 +3,7 @@
 // WebSocket client handshake for clients that then misbehave on purpose.
 
 import { concat, FrameReader, parseClose } from "../_frames.ts";
+import { writeAll } from "../_helpers.ts";
 
 /** What the child server's "stats" command answers. */
 export interface ServerStats {
@@ -27,8 +28,6 @@ export interface ServerProcessOptions {
 /** The echo server in a child process (see echo_server.ts). */
 export class ServerProcess implements AsyncDisposable {
   readonly port: number;
-  /** Whether the server negotiates permessage-deflate. */
-  readonly compression: boolean;
   #child: Deno.ChildProcess;
   #stdin: WritableStreamDefaultWriter<Uint8Array>;
   #lines: AsyncIterator<string>;
@@ -38,13 +37,11 @@ export class ServerProcess implements AsyncDisposable {
     child: Deno.ChildProcess,
     lines: AsyncIterator<string>,
     port: number,
-    compression: boolean,
   ) {
     this.#child = child;
     this.#stdin = child.stdin.getWriter();
     this.#lines = lines;
     this.port = port;
-    this.compression = compression;
   }
 
   static async start(
@@ -70,8 +67,8 @@ export class ServerProcess implements AsyncDisposable {
         "Cannot start the echo server: it exited before listening",
       );
     }
-    const { port, compression } = JSON.parse(first.value);
-    return new ServerProcess(child, lines, port, compression);
+    const { port } = JSON.parse(first.value);
+    return new ServerProcess(child, lines, port);
   }
 
   /** Sends a command and returns its one-line JSON answer. */
@@ -226,16 +223,6 @@ export async function rawHandshake(
   return await readResponse(conn);
 }
 
-/** Writes all of `data`. */
-export async function writeAll(
-  conn: Deno.Conn,
-  data: Uint8Array,
-): Promise<void> {
-  for (let offset = 0; offset < data.length;) {
-    offset += await conn.write(data.subarray(offset));
-  }
-}
-
 /**
  * Reads frames until a close frame (its code) or EOF (null), skipping
  * others; counts the skipped frames by opcode.
@@ -259,14 +246,5 @@ export async function drain(conn: Deno.Conn): Promise<void> {
     while ((await conn.read(buffer)) !== null);
   } catch {
     // A reset ends it too.
-  }
-}
-
-/** Closes a connection that may already be closed. */
-export function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch {
-    // Already closed.
   }
 }
