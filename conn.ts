@@ -506,6 +506,29 @@ const FIRST_CHUNK = 64 * 1024;
 const INFLATE_PIECE = 64 * 1024;
 /** How long a failed connection waits for its close frame to be written. */
 const FAIL_CLOSE_TIMEOUT = 1000;
+/**
+ * Free bytes in front of a large message's payload: a server's frame header
+ * (at most 10 bytes, unmasked) fits there, so echoing the message writes
+ * header and payload as one piece (see #append).
+ */
+const FRAME_HEADROOM = 10;
+/**
+ * Buffers of payloads returned with FRAME_HEADROOM free bytes in front. An
+ * entry is used up by the first write of its payload: a second write, even
+ * of another type on another connection, cannot overwrite a header still
+ * queued.
+ */
+const headroomBuffers = new WeakSet<ArrayBufferLike>();
+/** Validates text messages that arrive whole (see #tryWholeMessage). */
+const wholeMessageUtf8 = new Utf8Validator();
+/**
+ * Write buffers whose frames are written, shared by every connection without
+ * a `writeBufferPool` and keyed by size: an idle connection then holds no
+ * write buffer at all (issue 7, S6), while busy ones still reuse theirs.
+ */
+const freeWriteBuffers = new Map<number, Uint8Array[]>();
+/** Most free write buffers kept per size. */
+const FREE_WRITE_BUFFERS = 16;
 
 /** Crypto-random masking keys (RFC 6455 section 5.3), fetched 64 at a time. */
 const keyPool = new Uint8Array(256);
@@ -777,7 +800,6 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   // ---- write state ----
   #writeBufferSize: number;
   #pool: BufferPool | undefined;
-  #spare: Uint8Array | undefined;
   /** The buffer small frames are being coalesced into. */
   #wbuf: Uint8Array | undefined;
   #wstart = 0;
@@ -1040,6 +1062,17 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
           continue;
         }
         for (const chunk of await this.#inflateNext()) payload.add(chunk);
+      }
+      // A large unfragmented message, the common case, skips the pieces:
+      // one buffer of its size, with room for an echo's header in front.
+      if (
+        !this.#messageCompressed && this.#frameFin &&
+        this.#remaining >= COPY_LIMIT && this.#remaining <= MAX_CHUNK
+      ) {
+        const data = await this.#readFramePayload();
+        this.#messagePending = false;
+        this.#handling = true;
+        return { type, data };
       }
       while (!this.#messageCompressed) {
         while (this.#remaining > 0) {
@@ -1904,9 +1937,12 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     if (h.masked) maskInPlace(payload, h.maskKey, 0);
     this.#rpos += total;
     this.#messageSeq++;
-    if (h.opcode === MESSAGE_TYPE.Text) {
-      this.#utf8 ??= new Utf8Validator();
-      if (!this.#utf8.push(payload, true)) throw invalidUtf8();
+    // A whole message leaves no decoder state behind, so one validator
+    // serves every connection and an idle one keeps none.
+    if (
+      h.opcode === MESSAGE_TYPE.Text && !wholeMessageUtf8.push(payload, true)
+    ) {
+      throw invalidUtf8();
     }
     // A view, not a copy: allocating a small typed array costs ~0.4 us in
     // Deno, more than the rest of this path. The read buffer is then lent
@@ -2124,6 +2160,24 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#consume(dest.subarray(filled, filled + n));
       filled += n;
     }
+  }
+
+  /**
+   * Reads the payload of a single-frame message into one buffer with
+   * FRAME_HEADROOM free bytes in front, straight from the transport where it
+   * is large, and returns the payload's view: no pieces to join. Allocating
+   * the whole frame before its bytes arrive is safe up to MAX_CHUNK because
+   * large buffers are committed lazily (calloc'd pages become resident only
+   * when written), so a header that merely claims a big length costs
+   * address space, not memory.
+   */
+  async #readFramePayload(): Promise<Uint8Array> {
+    const length = this.#remaining;
+    const buffer = new ArrayBuffer(FRAME_HEADROOM + length);
+    const data = new Uint8Array(buffer, FRAME_HEADROOM, length);
+    await this.#readPayloadInto(data);
+    headroomBuffers.add(buffer);
+    return data;
   }
 
   /** Consumes the rest of the current frame's payload without keeping it. */
@@ -2521,6 +2575,18 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       body.set(payload);
       if (key !== undefined) maskInPlace(body, key, 0);
       this.#wlen = at + size;
+    } else if (
+      key === undefined && payload.byteOffset === FRAME_HEADROOM &&
+      headroomBuffers.delete(payload.buffer)
+    ) {
+      // A payload a Conn read (see #readFramePayload): its header goes in
+      // front of it and the frame leaves in one write, not two.
+      const start = FRAME_HEADROOM - headerLength(length, false);
+      const frame = new Uint8Array(payload.buffer, start, size);
+      writeHeader(frame, 0, b0, length, undefined);
+      this.#cutSegment();
+      this.#segments.push(frame);
+      byReference = true;
     } else {
       const buf = this.#reserve(MAX_HEADER_LENGTH);
       this.#wlen += writeHeader(buf, this.#wlen, b0, length, key);
@@ -2594,18 +2660,15 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#cutSegment();
       this.#batchBuffers.push(buf);
     }
-    buf = this.#spare;
-    if (buf !== undefined && buf.length >= size) {
-      this.#spare = undefined;
+    const pooled = this.#pool === undefined
+      ? freeWriteBuffers.get(this.#writeBufferSize)?.pop()
+      : this.#pool.get();
+    if (pooled !== undefined && pooled.length >= size) {
+      buf = pooled;
     } else {
-      const pooled = this.#pool?.get();
-      if (pooled !== undefined && pooled.length >= size) {
-        buf = pooled;
-      } else {
-        // Too small for this frame: the pooled buffer goes straight back.
-        if (pooled !== undefined) this.#pool!.put(pooled);
-        buf = new Uint8Array(Math.max(size, this.#writeBufferSize));
-      }
+      // Too small for this frame: the pooled buffer goes straight back.
+      if (pooled !== undefined) this.#recycle(pooled);
+      buf = new Uint8Array(Math.max(size, this.#writeBufferSize));
     }
     this.#wbuf = buf;
     this.#wstart = this.#wlen = 0;
@@ -2661,12 +2724,14 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   }
 
   #recycle(buffer: Uint8Array): void {
-    if (this.#pool !== undefined) this.#pool.put(buffer);
-    else if (
-      this.#spare === undefined && buffer.length === this.#writeBufferSize
-    ) {
-      this.#spare = buffer;
+    if (this.#pool !== undefined) {
+      this.#pool.put(buffer);
+      return;
     }
+    if (buffer.length !== this.#writeBufferSize) return;
+    let free = freeWriteBuffers.get(buffer.length);
+    if (free === undefined) freeWriteBuffers.set(buffer.length, free = []);
+    if (free.length < FREE_WRITE_BUFFERS) free.push(buffer);
   }
 
   #rejectQueued(error: unknown): void {
