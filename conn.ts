@@ -548,21 +548,46 @@ function nextMaskKey(key: Uint8Array): Uint8Array {
   return key;
 }
 
-/** The settle functions of one batch of frames written together. */
-interface Batch {
-  promise: Promise<void>;
-  resolve: () => void;
-  reject: (error: unknown) => void;
+/**
+ * One batch of frames written together. Its promise is made only when
+ * someone waits for it: most batches (writes below the high-water mark
+ * resolve at once) settle with nobody asking, and an echo writes one batch
+ * per message.
+ */
+class Batch {
   /** Someone waits for this batch: it must not be held back by a cork. */
-  urgent: boolean;
-}
+  urgent = false;
+  #deferred: PromiseWithResolvers<void> | undefined;
+  #settled = false;
+  #failed = false;
+  #error: unknown;
 
-function newBatch(): Batch {
-  const { promise, resolve, reject } = Promise.withResolvers<void>();
-  // Nobody may be awaiting this batch (writes below the high-water mark
-  // resolve at once); its failure is reported on the next write instead.
-  promise.catch(noop);
-  return { promise, resolve, reject, urgent: false };
+  get promise(): Promise<void> {
+    if (this.#deferred === undefined) {
+      this.#deferred = Promise.withResolvers<void>();
+      // Its failure is also reported on the next write, so nobody has to
+      // observe this rejection.
+      this.#deferred.promise.catch(noop);
+      if (this.#settled) this.#settle();
+    }
+    return this.#deferred.promise;
+  }
+
+  resolve(): void {
+    this.#settled = true;
+    this.#settle();
+  }
+
+  reject(error: unknown): void {
+    this.#settled = this.#failed = true;
+    this.#error = error;
+    this.#settle();
+  }
+
+  #settle(): void {
+    if (this.#failed) this.#deferred?.reject(this.#error);
+    else this.#deferred?.resolve();
+  }
 }
 
 function toBytes(data: Uint8Array | string, action: string): Uint8Array {
@@ -2618,7 +2643,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   #queue(size: number, wait: boolean): Promise<void> {
     this.#queued += size;
-    const batch = this.#batch ??= newBatch();
+    const batch = this.#batch ??= new Batch();
     const urgent = wait || this.#queued > HIGH_WATER;
     if (urgent) batch.urgent = true;
     if (this.#inFlight === undefined) {
@@ -2703,9 +2728,19 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.#wstart = this.#wlen = 0;
       let bytes = 0;
       try {
+        // Written here rather than in a helper: one async call less per
+        // batch, and an echo writes one batch per message.
         for (const segment of segments) {
           bytes += segment.length;
-          await this.#writeAll(segment);
+          let offset = 0;
+          while (offset < segment.length) {
+            const write = this.#transport.write(
+              offset === 0 ? segment : segment.subarray(offset),
+            );
+            offset += this.#writeDeadline === 0
+              ? await write
+              : await race(write, this.#writeDeadline, undefined, "write");
+          }
         }
       } catch (error) {
         this.#failWrite(error);
@@ -2742,16 +2777,6 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     this.#wbuf = undefined;
     this.#wstart = this.#wlen = 0;
     batch?.reject(error);
-  }
-
-  async #writeAll(data: Uint8Array): Promise<void> {
-    let offset = 0;
-    while (offset < data.length) {
-      const write = this.#transport.write(data.subarray(offset));
-      offset += this.#writeDeadline === 0
-        ? await write
-        : await race(write, this.#writeDeadline, undefined, "write");
-    }
   }
 
   #failWrite(error: unknown): void {
