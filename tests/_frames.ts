@@ -34,6 +34,65 @@ export const OP = {
   pong: 10,
 } as const;
 
+/**
+ * Payload sizes at every edge of the three length forms of RFC 6455 section
+ * 5.2 (7-bit, 16-bit, 64-bit), and 1 MiB.
+ */
+export const LENGTH_EDGES: readonly number[] = [
+  0,
+  1,
+  2,
+  124,
+  125,
+  126,
+  127,
+  128,
+  129,
+  65534,
+  65535,
+  65536,
+  1 << 20,
+];
+
+/**
+ * Close codes a close frame may carry (RFC 6455 section 7.4): the defined
+ * ones and the edges of the registered and private ranges.
+ */
+export const VALID_CLOSE_CODES: readonly number[] = [
+  1000,
+  1001,
+  1002,
+  1003,
+  1007,
+  1008,
+  1009,
+  1010,
+  1011,
+  1012,
+  1013,
+  1014,
+  3000,
+  4999,
+];
+
+/**
+ * Close codes a close frame must not carry: reserved (1004), meant for APIs
+ * only (1005, 1006, 1015), unassigned, or out of range.
+ */
+export const INVALID_CLOSE_CODES: readonly number[] = [
+  0,
+  999,
+  1004,
+  1005,
+  1006,
+  1015,
+  1016,
+  2000,
+  2999,
+  5000,
+  65535,
+];
+
 const FIXED_KEY = new Uint8Array([0x12, 0x34, 0x56, 0x78]);
 
 /** UTF-8 of a string. */
@@ -93,6 +152,18 @@ export function frame(spec: RawFrame): Uint8Array {
   const body = payload.slice();
   if (key) { for (let i = 0; i < body.length; i++) body[i] ^= key[i % 4]; }
   return concat(new Uint8Array(head), body);
+}
+
+/**
+ * A final frame masked as a client sends it (RFC 6455 section 5.3): with a
+ * fresh random key, so a server cannot get by on a fixed one.
+ */
+export function clientFrame(
+  opcode: number,
+  payload: Uint8Array | string,
+): Uint8Array {
+  const mask = crypto.getRandomValues(new Uint8Array(4));
+  return frame({ opcode, payload, mask });
 }
 
 /** Encodes several frames back to back. */

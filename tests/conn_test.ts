@@ -30,6 +30,7 @@ import {
   frame,
   FrameReader,
   frames,
+  LENGTH_EDGES,
   OP,
   parseClose,
   type RawFrame,
@@ -37,22 +38,6 @@ import {
 } from "./_frames.ts";
 
 // ------------------------------------------------------------ the matrix
-
-const MATRIX_SIZES = [
-  0,
-  1,
-  2,
-  124,
-  125,
-  126,
-  127,
-  128,
-  129,
-  65534,
-  65535,
-  65536,
-  1 << 20,
-];
 
 type WriteStyle = "bytes" | "string" | "writer" | "prepared";
 const WRITE_STYLES: WriteStyle[] = ["bytes", "string", "writer", "prepared"];
@@ -99,7 +84,7 @@ function deliveriesFor(size: number): [string, Delivery][] {
 
 for (const role of ROLES) {
   Deno.test(`${role} Conn: every size x delivery x write style arrives intact`, async (t) => {
-    for (const size of MATRIX_SIZES) {
+    for (const size of LENGTH_EDGES) {
       for (const [deliveryName, delivery] of deliveriesFor(size)) {
         await t.step(`${size} bytes, ${deliveryName}`, async () => {
           const { server, client } = connPair(delivery);

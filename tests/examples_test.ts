@@ -13,6 +13,7 @@ import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
 import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
+import { clientFrame } from "./_frames.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -138,27 +139,6 @@ async function rawUpgrade(port: number, path: string): Promise<Deno.TcpConn> {
   }
   assert.match(head, /^HTTP\/1\.1 101 /);
   return conn;
-}
-
-/** A masked client frame (RFC 6455 section 5.2), payload under 64 KiB. */
-function clientFrame(opcode: number, payload: Uint8Array): Uint8Array {
-  assert.ok(payload.length < 65536);
-  const lengthBytes = payload.length < 126 ? 0 : 2;
-  const start = 6 + lengthBytes;
-  const mask = crypto.getRandomValues(new Uint8Array(4));
-  const frame = new Uint8Array(start + payload.length);
-  frame[0] = 0x80 | opcode;
-  if (lengthBytes === 0) {
-    frame[1] = 0x80 | payload.length;
-  } else {
-    frame[1] = 0x80 | 126;
-    new DataView(frame.buffer).setUint16(2, payload.length);
-  }
-  frame.set(mask, start - 4);
-  for (let i = 0; i < payload.length; i++) {
-    frame[start + i] = payload[i] ^ mask[i % 4];
-  }
-  return frame;
 }
 
 /** Reads server frames until EOF; returns the close frame's status code. */

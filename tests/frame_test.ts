@@ -12,24 +12,14 @@ import {
   parseHeader,
   ProtocolError,
 } from "../frame.ts";
-import { closePayload, frame } from "./_frames.ts";
+import {
+  closePayload,
+  frame,
+  INVALID_CLOSE_CODES,
+  LENGTH_EDGES,
+  VALID_CLOSE_CODES,
+} from "./_frames.ts";
 import { prng } from "../_pipe.ts";
-
-const SIZES = [
-  0,
-  1,
-  2,
-  124,
-  125,
-  126,
-  127,
-  128,
-  129,
-  65534,
-  65535,
-  65536,
-  1 << 20,
-];
 
 function naiveMask(data: Uint8Array, key: Uint8Array, offset: number) {
   const out = data.slice();
@@ -38,7 +28,7 @@ function naiveMask(data: Uint8Array, key: Uint8Array, offset: number) {
 }
 
 Deno.test("parseHeader() reads every size boundary, masked and unmasked", () => {
-  for (const size of SIZES) {
+  for (const size of LENGTH_EDGES) {
     for (const masked of [false, true]) {
       const key = new Uint8Array([9, 8, 7, 6]);
       const bytes = frame({
@@ -126,7 +116,7 @@ Deno.test("parseHeader() rejects lengths above 2^53 - 1 (1009) and accepts 2^53 
 });
 
 Deno.test("encodeHeader() writes the bytes RFC 6455 draws, at every size boundary", () => {
-  for (const size of SIZES) {
+  for (const size of LENGTH_EDGES) {
     for (const key of [undefined, new Uint8Array([1, 2, 3, 4])]) {
       const expected = frame({
         opcode: 2,
@@ -254,39 +244,10 @@ Deno.test("mask() throws RangeError for a key that is not 4 bytes", () => {
 });
 
 Deno.test("isValidCloseCode() follows RFC 6455 section 7.4", () => {
-  const valid = [
-    1000,
-    1001,
-    1002,
-    1003,
-    1007,
-    1008,
-    1009,
-    1010,
-    1011,
-    1012,
-    1013,
-    1014,
-    3000,
-    4999,
-  ];
-  const invalid = [
-    0,
-    999,
-    1004,
-    1005,
-    1006,
-    1015,
-    1016,
-    2000,
-    2999,
-    5000,
-    65535,
-  ];
-  for (const code of valid) {
+  for (const code of VALID_CLOSE_CODES) {
     assert.equal(isValidCloseCode(code), true, `${code}`);
   }
-  for (const code of invalid) {
+  for (const code of INVALID_CLOSE_CODES) {
     assert.equal(isValidCloseCode(code), false, `${code}`);
   }
 });

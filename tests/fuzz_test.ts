@@ -26,7 +26,14 @@ import { Upgrader } from "../upgrader.ts";
 import type { DeflateParameters } from "../deflate.ts";
 import { createPipe, prng } from "../_pipe.ts";
 import { constants as zlib, deflateRawSync, inflateRawSync } from "node:zlib";
-import { concat, FrameReader, parseClose, type ReadFrame } from "./_frames.ts";
+import {
+  concat,
+  FrameReader,
+  INVALID_CLOSE_CODES,
+  parseClose,
+  type ReadFrame,
+  VALID_CLOSE_CODES,
+} from "./_frames.ts";
 
 const SOAK = Deno.env.get("SOAK") === "1";
 const ONE_SEED = Deno.env.get("FUZZ_SEED");
@@ -461,32 +468,7 @@ function generate(seed: number): Case {
   let bytes = concat(...frames.map((f) => encode(f, random)));
   const ending = int(random, 9);
   if (ending <= 3) {
-    const code = pick(random, [
-      1000,
-      1001,
-      1002,
-      1003,
-      1007,
-      1008,
-      1009,
-      1010,
-      1011,
-      1012,
-      1013,
-      1014,
-      3000,
-      4999, // legal
-      0,
-      999,
-      1004,
-      1005,
-      1006,
-      1015,
-      1016,
-      2999,
-      5000,
-      65535, // illegal
-    ]);
+    const code = pick(random, [...VALID_CLOSE_CODES, ...INVALID_CLOSE_CODES]);
     let payload = concat(
       new Uint8Array([code >> 8, code & 0xff]),
       randomText(random, int(random, 20)),
@@ -875,15 +857,19 @@ Deno.test("fuzz: random frames at random splits deliver exactly what was sent or
   }
 });
 
+/** A hand-made masked client frame: final, no RSV bits, empty by default. */
+function handMade(spec: Partial<WireFrame> & { opcode: number }): Uint8Array {
+  return encode({
+    fin: true,
+    rsv: 0,
+    mask: true,
+    payload: new Uint8Array(0),
+    ...spec,
+  }, () => 0.5);
+}
+
 Deno.test("fuzz: the reference reader names the RFC's outcome for hand-made streams", () => {
-  const f = (spec: Partial<WireFrame> & { opcode: number }) =>
-    encode({
-      fin: true,
-      rsv: 0,
-      mask: true,
-      payload: new Uint8Array(0),
-      ...spec,
-    }, () => 0.5);
+  const f = handMade;
   const text = (s: string) => new TextEncoder().encode(s);
   const outcome = (stream: Uint8Array, limit = 0) =>
     referenceRead(stream, "server", limit).ending;
@@ -955,14 +941,7 @@ Deno.test("fuzz: the reference reader names the RFC's outcome for hand-made stre
 });
 
 Deno.test("fuzz: the reference reader inflates permessage-deflate messages and names RFC 7692's outcomes", () => {
-  const f = (spec: Partial<WireFrame> & { opcode: number }) =>
-    encode({
-      fin: true,
-      rsv: 0,
-      mask: true,
-      payload: new Uint8Array(0),
-      ...spec,
-    }, () => 0.5);
+  const f = handMade;
   const hello = deflateMessage(new TextEncoder().encode("hello hello"));
   const split = referenceRead(
     concat(

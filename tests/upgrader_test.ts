@@ -27,6 +27,7 @@ import {
   Upgrader,
   type UpgraderOptions,
 } from "../upgrader.ts";
+import { clientFrame, concat } from "./_frames.ts";
 
 const KEY = "dGhlIHNhbXBsZSBub25jZQ==";
 // RFC 6455 section 1.3's worked example (also SHA-1 + base64 computed outside
@@ -57,29 +58,6 @@ function requestBytes(
     if (value !== null) text += `${name}: ${value}\r\n`;
   }
   return encoder.encode(text + "\r\n");
-}
-
-/** A masked client frame with a payload shorter than 126 bytes. */
-function clientFrame(opcode: number, payload: Uint8Array): Uint8Array {
-  const key = crypto.getRandomValues(new Uint8Array(4));
-  const frame = new Uint8Array(6 + payload.length);
-  frame[0] = 0x80 | opcode;
-  frame[1] = 0x80 | payload.length;
-  frame.set(key, 2);
-  for (let i = 0; i < payload.length; i++) {
-    frame[6 + i] = payload[i] ^ key[i % 4];
-  }
-  return frame;
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
 
 async function readAll(conn: Transport): Promise<Uint8Array> {
