@@ -59,20 +59,18 @@ export function connPair(
   };
 }
 
-/** Two Conns over one loopback TCP connection. */
-export async function tcpConnPair(): Promise<
-  {
-    server: Conn;
-    client: Conn;
-    serverSocket: Deno.TcpConn;
-    clientSocket: Deno.TcpConn;
-  }
-> {
+/** Both ends of one loopback TCP connection: the accepted one first. */
+export async function tcpSockets(): Promise<[Deno.TcpConn, Deno.TcpConn]> {
   using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [serverSocket, clientSocket] = await Promise.all([
+  return await Promise.all([
     listener.accept(),
     Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
   ]);
+}
+
+/** Two Conns over one loopback TCP connection. */
+export async function tcpConnPair() {
+  const [serverSocket, clientSocket] = await tcpSockets();
   return {
     server: new Conn(serverSocket, { role: "server" }),
     client: new Conn(clientSocket, { role: "client" }),
@@ -172,4 +170,23 @@ export async function runJsonScript<T>(
   const decoder = new TextDecoder();
   assert.equal(code, 0, decoder.decode(stderr));
   return JSON.parse(decoder.decode(stdout));
+}
+
+/**
+ * Collects what the example servers hand to their `onConnection` hook, so a
+ * test can wait until the server is done with every connection.
+ */
+export class Sessions {
+  #done: Promise<void>[] = [];
+  /** Every connection accepted so far. */
+  readonly conns: Conn[] = [];
+  /** The hook to pass as `onConnection`. */
+  readonly onConnection = (conn: Conn, done: Promise<void>): void => {
+    this.conns.push(conn);
+    this.#done.push(done);
+  };
+  /** Resolves once the server is done with every connection so far. */
+  async settled(): Promise<void> {
+    await Promise.all(this.#done);
+  }
 }

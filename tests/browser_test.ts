@@ -4,11 +4,11 @@
 import assert from "node:assert/strict";
 // A test-only dependency; the library itself has none.
 import * as playwright from "playwright-core";
-import type { Conn } from "../conn.ts";
 import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
 import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
+import { Sessions } from "./_helpers.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 
@@ -60,20 +60,6 @@ async function launchChromium(): Promise<
       await Deno.remove(profile, { recursive: true });
     },
   });
-}
-
-/** Collects every connection an example accepted and when it is done. */
-function sessions() {
-  const conns: Conn[] = [];
-  const done: Promise<void>[] = [];
-  return {
-    conns,
-    onConnection(conn: Conn, finished: Promise<void>) {
-      conns.push(conn);
-      done.push(finished);
-    },
-    settled: () => Promise.all(done),
-  };
 }
 
 /**
@@ -155,7 +141,7 @@ async function openPage(
 }
 
 Deno.test("chat: a line typed in one browser page appears in the other", async () => {
-  const chat = sessions();
+  const chat = new Sessions();
   const { server, hub } = startChat({
     port: 0,
     onConnection: chat.onConnection,
@@ -187,7 +173,7 @@ Deno.test("chat: a line typed in one browser page appears in the other", async (
 });
 
 Deno.test("echo: the page round-trips a message with permessage-deflate negotiated", async () => {
-  const echo = sessions();
+  const echo = new Sessions();
   const server = startEcho({
     port: 0,
     compress: true,
@@ -231,7 +217,7 @@ Deno.test("echo: the page round-trips a message with permessage-deflate negotiat
 Deno.test("filewatch: the page shows the file and follows its changes", async () => {
   const path = await Deno.makeTempFile();
   await Deno.writeTextFile(path, "<b>not markup</b>");
-  const watch = sessions();
+  const watch = new Sessions();
   const server = startFilewatch({
     port: 0,
     path,
@@ -257,7 +243,7 @@ Deno.test("filewatch: the page shows the file and follows its changes", async ()
 });
 
 Deno.test("command: the page sends a line to the process and shows its output", async () => {
-  const command = sessions();
+  const command = new Sessions();
   const server = startCommand({
     port: 0,
     command: "cat",

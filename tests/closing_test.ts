@@ -17,7 +17,7 @@ import { Dialer } from "../dialer.ts";
 import { Upgrader } from "../upgrader.ts";
 import { createPipe } from "../_pipe.ts";
 import { closePayload, frame, FrameReader, OP, parseClose } from "./_frames.ts";
-import { tcpConnPair, writeAll } from "./_helpers.ts";
+import { tcpConnPair, tcpSockets, writeAll } from "./_helpers.ts";
 
 /** A server Conn whose peer is a raw socket the test drives by hand. */
 async function rawClientPair(): Promise<{
@@ -25,11 +25,7 @@ async function rawClientPair(): Promise<{
   raw: Deno.TcpConn;
   frames: FrameReader;
 }> {
-  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const [serverSocket, raw] = await Promise.all([
-    listener.accept(),
-    Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
-  ]);
+  const [serverSocket, raw] = await tcpSockets();
   return {
     server: new Conn(serverSocket, { role: "server" }),
     raw,

@@ -4,7 +4,7 @@
 // misbehave. Every test waits for the server to finish with each connection
 // (the examples' onConnection hook) so the sanitizers see nothing left over.
 import assert from "node:assert/strict";
-import { type Conn, MESSAGE_TYPE } from "../conn.ts";
+import { MESSAGE_TYPE } from "../conn.ts";
 import { Dialer } from "../dialer.ts";
 import { serve, Upgrader } from "../upgrader.ts";
 import { startServer as startAutobahn } from "../examples/autobahn/server.ts";
@@ -13,24 +13,11 @@ import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
 import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
-import { clientFrame } from "./_frames.ts";
+import { clientFrame, FrameReader, OP, parseClose } from "./_frames.ts";
+import { Sessions } from "./_helpers.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
-
-/** Collects the `done` promises the examples hand to `onConnection`. */
-class Sessions {
-  #done: Promise<void>[] = [];
-  conns: Conn[] = [];
-  readonly onConnection = (conn: Conn, done: Promise<void>) => {
-    this.conns.push(conn);
-    this.#done.push(done);
-  };
-  /** Resolves once the server is done with every connection so far. */
-  async settled(): Promise<void> {
-    await Promise.all(this.#done);
-  }
-}
 
 /**
  * Rejects when `promise` has not settled within `ms`, so a server that hangs
@@ -141,32 +128,17 @@ async function rawUpgrade(port: number, path: string): Promise<Deno.TcpConn> {
   return conn;
 }
 
-/** Reads server frames until EOF; returns the close frame's status code. */
+/**
+ * Reads server frames until EOF; returns the close frame's status code
+ * (undefined: the server hung up without one).
+ */
 async function readCloseCode(conn: Deno.TcpConn): Promise<number | undefined> {
-  const chunks: Uint8Array[] = [];
-  const buffer = new Uint8Array(4096);
-  for (;;) {
-    const n = await conn.read(buffer).catch(() => null);
-    if (n === null) break;
-    chunks.push(buffer.slice(0, n));
+  const frames = new FrameReader(conn);
+  let code: number | undefined;
+  for (let f; (f = await frames.next()) !== null;) {
+    if (f.opcode === OP.close) code ??= parseClose(f.payload).code;
   }
-  const bytes = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.length;
-  }
-  // Server frames are unmasked; these tests only see short ones.
-  for (let at = 0; at + 2 <= bytes.length;) {
-    const opcode = bytes[at] & 0x0f;
-    const length = bytes[at + 1] & 0x7f;
-    assert.ok(length < 126, "unexpected long frame");
-    if (opcode === 0x8) {
-      return length >= 2 ? (bytes[at + 2] << 8) | bytes[at + 3] : 1005;
-    }
-    at += 2 + length;
-  }
-  return undefined;
+  return code;
 }
 
 /** Polls `condition` every 10 ms until it holds or `ms` pass. */
