@@ -77,6 +77,13 @@ export class HttpError extends Error {
 
 const CR = 0x0d;
 const LF = 0x0a;
+/**
+ * The first read of a head: most heads (a WebSocket upgrade, a fetch) fit,
+ * and every pending read of an idle keep-alive connection and every head
+ * read by a connection storm holds this much, garbage or not (issue 7, S6).
+ */
+const FIRST_READ = 1024;
+/** Later reads, for the rest of a larger head. */
 const READ_SIZE = 4096;
 
 /**
@@ -98,7 +105,8 @@ export async function readHead(
   // Grown one read at a time; the limit is checked before every read, so a
   // head can never make it larger than maxHeadBytes plus two reads.
   const buffered = options.buffered ?? new Uint8Array(0);
-  let buffer = new Uint8Array(buffered.length + READ_SIZE);
+  let readSize = FIRST_READ;
+  let buffer = new Uint8Array(buffered.length + readSize);
   buffer.set(buffered);
   let length = buffered.length;
   let start = 0; // where the head starts, past leading empty lines
@@ -120,14 +128,15 @@ export async function readHead(
     }
     scanned = length;
     if (length - start > maxHeadBytes) throw headTooLarge(maxHeadBytes);
-    if (buffer.length - length < READ_SIZE) {
-      buffer = grow(buffer, length + READ_SIZE);
+    if (buffer.length - length < readSize) {
+      buffer = grow(buffer, length + readSize);
     }
     const n = await readWithSignal(
       reader,
-      buffer.subarray(length, length + READ_SIZE),
+      buffer.subarray(length, length + readSize),
       signal,
     );
+    readSize = READ_SIZE;
     if (n === null) {
       if (length === start) return null;
       throw new HttpError(

@@ -527,8 +527,13 @@ const wholeMessageUtf8 = new Utf8Validator();
  * write buffer at all (issue 7, S6), while busy ones still reuse theirs.
  */
 const freeWriteBuffers = new Map<number, Uint8Array[]>();
-/** Most free write buffers kept per size. */
-const FREE_WRITE_BUFFERS = 16;
+/**
+ * Most free write buffers kept per size: as many as writes were in flight at
+ * once, up to 1 MiB of default-sized ones. A server answering a burst from
+ * many connections needs one per connection; dropping them turns every
+ * burst into garbage (a storm of 10,000 new connections left ~40 MB).
+ */
+const FREE_WRITE_BUFFERS = 256;
 
 /** Crypto-random masking keys (RFC 6455 section 5.3), fetched 64 at a time. */
 const keyPool = new Uint8Array(256);

@@ -70,6 +70,23 @@ Deno.test("readHead() returns the head and the bytes behind it", async () => {
   assert.equal(decoder.decode(result.rest), "frame bytes");
 });
 
+Deno.test("readHead() reads a small head in one small read and a large one in more", async () => {
+  // The first read is small (an idle connection's pending read holds it);
+  // a head longer than that takes further reads and arrives whole.
+  const small = reader(REQUEST + "x".repeat(8000));
+  const first = await readHead(small, { maxHeadBytes: 16384 });
+  assert.equal(decoder.decode(first!.head), REQUEST);
+  assert.equal(small.reads, 1);
+  assert.ok(first!.head.buffer.byteLength <= 1024);
+
+  const large = "GET / HTTP/1.1\r\nX-Big: " + "y".repeat(6000) + "\r\n\r\n";
+  const many = reader(large + "rest");
+  const second = await readHead(many, { maxHeadBytes: 16384 });
+  assert.equal(decoder.decode(second!.head), large);
+  assert.equal(decoder.decode(second!.rest), "rest");
+  assert.ok(many.reads > 1);
+});
+
 Deno.test("readHead() finds the blank line when the head arrives byte by byte", async () => {
   const text = REQUEST + "rest";
   const pieces = [...text].map((c) => c);
