@@ -129,11 +129,15 @@ export function jsonText(size: number): string {
   return text.slice(0, size);
 }
 
-/** Writes all of `data`, however many calls the socket needs. */
+/**
+ * Writes all of `data` (a string as UTF-8), however many calls the socket
+ * needs.
+ */
 export async function writeAll(
   conn: Deno.Conn,
-  data: Uint8Array,
+  data: Uint8Array | string,
 ): Promise<void> {
+  if (typeof data === "string") data = utf8(data);
   for (let offset = 0; offset < data.length;) {
     offset += await conn.write(data.subarray(offset));
   }

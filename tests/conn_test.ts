@@ -653,25 +653,34 @@ Deno.test("a hundred tasks writing at once: every message arrives whole, in each
   client.close();
 });
 
+/** A transport that records each chunk it is asked to write, then passes it on. */
+function recordingWrites(end: Transport) {
+  const writes: Uint8Array[] = [];
+  const transport: Transport = {
+    read: (b) => end.read(b),
+    write: (d) => {
+      writes.push(d);
+      return end.write(d);
+    },
+    close: () => end.close(),
+  };
+  return { transport, writes };
+}
+
 Deno.test("small frames queued while a write is in flight leave in one write", async () => {
   const [local, remote] = createPipe();
-  const writes: number[] = [];
-  const counting: Transport = {
-    read: (b) => local.read(b),
-    write: (d) => {
-      writes.push(d.length);
-      return local.write(d);
-    },
-    close: () => local.close(),
-  };
-  const conn = new Conn(counting, { role: "server" });
+  const { transport, writes } = recordingWrites(local);
+  const conn = new Conn(transport, { role: "server" });
   const pending = [];
   for (let i = 0; i < 50; i++) {
     pending.push(conn.writeMessage(MESSAGE_TYPE.Text, "0123456789"));
   }
   await Promise.all(pending);
   await conn.writeControl(MESSAGE_TYPE.Ping, "");
-  assert.ok(writes.length <= 3, `${writes.length} writes: ${writes}`);
+  assert.ok(
+    writes.length <= 3,
+    `${writes.length} writes: ${writes.map((w) => w.length)}`,
+  );
   const reader = new FrameReader(remote);
   for (let i = 0; i < 50; i++) {
     const f = (await reader.next())!;
@@ -684,16 +693,8 @@ Deno.test("small frames queued while a write is in flight leave in one write", a
 
 Deno.test("a large server payload is written as its own write, not copied", async () => {
   const [local, remote] = createPipe();
-  const written: Uint8Array[] = [];
-  const recording: Transport = {
-    read: (b) => local.read(b),
-    write: (d) => {
-      written.push(d);
-      return local.write(d);
-    },
-    close: () => local.close(),
-  };
-  const conn = new Conn(recording, { role: "server" });
+  const { transport, writes: written } = recordingWrites(local);
+  const conn = new Conn(transport, { role: "server" });
   const payload = new Uint8Array(100_000);
   await conn.writeMessage(MESSAGE_TYPE.Binary, payload);
   assert.ok(
@@ -1203,23 +1204,9 @@ Deno.test("a server Conn and a client Conn echo over loopback TCP", async () => 
 
 // ------------------------------------------------------------ coalescing
 
-/** A transport that counts the writes it passes on. */
-function countingWrites(end: Transport) {
-  const writes: number[] = [];
-  const transport: Transport = {
-    read: (b) => end.read(b),
-    write: (d) => {
-      writes.push(d.length);
-      return end.write(d);
-    },
-    close: () => end.close(),
-  };
-  return { transport, writes };
-}
-
 Deno.test("answers to a pipelined burst leave together, not one write each", async () => {
   const [local, remote] = createPipe();
-  const { transport, writes } = countingWrites(local);
+  const { transport, writes } = recordingWrites(local);
   const conn = new Conn(transport, { role: "server" });
   await remote.write(frames(
     ...Array.from(

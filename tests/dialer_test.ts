@@ -12,7 +12,7 @@ import type { Conn } from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
 import { serve, Upgrader } from "../upgrader.ts";
 import { computeAcceptKey } from "../_handshake.ts";
-import { closeQuietly, pattern, textOf } from "./_helpers.ts";
+import { closeQuietly, pattern, textOf, writeAll } from "./_helpers.ts";
 import { startHttpProxy, startSocks5Proxy } from "./_proxy.ts";
 
 const fixtures = new URL("./fixtures/", import.meta.url);
@@ -186,13 +186,6 @@ async function waitForEof(conn: Deno.Conn): Promise<boolean> {
   return true;
 }
 
-async function write(conn: Deno.Conn, text: string | Uint8Array) {
-  const bytes = typeof text === "string" ? encoder.encode(text) : text;
-  for (let offset = 0; offset < bytes.length;) {
-    offset += await conn.write(bytes.subarray(offset));
-  }
-}
-
 async function goodAnswer(key: string, extra = ""): Promise<string> {
   return "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
     `Connection: Upgrade\r\nSec-WebSocket-Accept: ${await computeAcceptKey(
@@ -290,7 +283,7 @@ Deno.test("new Dialer() refuses bad subprotocols and sizes", () => {
 
 Deno.test("dial() sends the RFC 6455 request with a fresh 16-byte key", async () => {
   const server = rawServer(async (conn, _request, key) => {
-    await write(conn, await goodAnswer(key));
+    await writeAll(conn, await goodAnswer(key));
     await waitForEof(conn);
   });
   try {
@@ -322,7 +315,7 @@ Deno.test("dial() sends the RFC 6455 request with a fresh 16-byte key", async ()
 
 Deno.test("dial() lets a Host header replace the Host line", async () => {
   const server = rawServer(async (conn, _request, key) => {
-    await write(conn, await goodAnswer(key));
+    await writeAll(conn, await goodAnswer(key));
     await waitForEof(conn);
   });
   try {
@@ -462,7 +455,7 @@ Deno.test("dial() offers subprotocols given as a header when the dialer has none
 Deno.test("dial() keeps the bytes the server sends right behind the 101", async () => {
   const server = rawServer(async (conn, _request, key) => {
     // One write: the 101 and an unmasked text frame "early".
-    await write(
+    await writeAll(
       conn,
       new Uint8Array([
         ...encoder.encode(await goodAnswer(key)),
@@ -485,7 +478,7 @@ Deno.test("dial() keeps the bytes the server sends right behind the 101", async 
 
 Deno.test("dial() skips an interim 1xx answer before the 101", async () => {
   const server = rawServer(async (conn, _request, key) => {
-    await write(
+    await writeAll(
       conn,
       "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + await goodAnswer(key),
     );
@@ -732,7 +725,7 @@ async function badHandshake(
   dialerOptions: DialerOptions = {},
 ): Promise<BadHandshakeError> {
   const server = rawServer(async (conn, _request, key) => {
-    await write(conn, await answer(key));
+    await writeAll(conn, await answer(key));
   });
   try {
     const error = await new Dialer(dialerOptions).dial(server.url).catch((
@@ -818,7 +811,7 @@ Deno.test("dial() rejects a garbage answer and one cut off at any byte", async (
   let answer = "";
   const server = rawServer(async (conn, _request, key) => {
     const full = await goodAnswer(key);
-    await write(
+    await writeAll(
       conn,
       answer === "" ? "garbage\r\n\r\n" : full.slice(0, Number(answer)),
     );
@@ -848,7 +841,7 @@ Deno.test("dial() rejects a proxy answer cut off at any byte", async () => {
   const full = "HTTP/1.1 200 Connection Established\r\n\r\n";
   let cut = 0;
   const proxy = rawServer(async (conn) => {
-    await write(conn, full.slice(0, cut));
+    await writeAll(conn, full.slice(0, cut));
   });
   try {
     const dialer = new Dialer({
@@ -891,7 +884,7 @@ Deno.test("dial() explains that wss: needs a TCP connection from connect()", asy
 
 Deno.test("dial() calls the cookie jar for a refused handshake too", async () => {
   const server = rawServer(async (conn) => {
-    await write(
+    await writeAll(
       conn,
       "HTTP/1.1 401 Unauthorized\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
     );

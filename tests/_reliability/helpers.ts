@@ -219,7 +219,7 @@ export async function rawHandshake(
   extra: string[] = [],
 ): Promise<RawClient> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  await writeAll(conn, new TextEncoder().encode(upgradeRequest(path, extra)));
+  await writeAll(conn, upgradeRequest(path, extra));
   return await readResponse(conn);
 }
 
