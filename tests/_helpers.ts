@@ -143,6 +143,16 @@ export async function writeAll(
   }
 }
 
+/** Reads until EOF, ignoring everything (and read errors). */
+export async function drain(conn: Deno.Conn): Promise<void> {
+  const buffer = new Uint8Array(64 * 1024);
+  try {
+    while ((await conn.read(buffer)) !== null);
+  } catch {
+    // A reset ends it too.
+  }
+}
+
 /** Closes a connection or listener that may already be closed. */
 export function closeQuietly(closer: { close(): void }): void {
   try {
@@ -150,6 +160,11 @@ export function closeQuietly(closer: { close(): void }): void {
   } catch {
     // Already closed.
   }
+}
+
+/** Bytes in MiB with one decimal, for the measurements the suites log. */
+export function mib(bytes: number): string {
+  return (bytes / 1024 / 1024).toFixed(1);
 }
 
 /**

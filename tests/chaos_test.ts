@@ -17,9 +17,14 @@ import {
   frames,
   OP,
 } from "./_frames.ts";
-import { closeQuietly, runJsonScript, writeAll } from "./_helpers.ts";
 import {
+  closeQuietly,
   drain,
+  mib,
+  runJsonScript,
+  writeAll,
+} from "./_helpers.ts";
+import {
   type RawClient,
   rawHandshake,
   readResponse,
@@ -558,20 +563,16 @@ Deno.test("chaos: hostile clients get their close code or status while healthy c
   const grown = used(final) - used(before);
   console.log(
     `chaos: ${names.length} hostile + ${HEALTHY_CLIENTS} healthy connections in ${elapsed} ms;` +
-      ` server heap+external before ${mb(used(before))}, peak ${
-        mb(peak)
-      } (no GC), after ${mb(used(final))} MiB;` +
-      ` rss before ${mb(before.rss)}, peak ${mb(peakRss)}, after ${
-        mb(final.rss)
+      ` server heap+external before ${mib(used(before))}, peak ${
+        mib(peak)
+      } (no GC), after ${mib(used(final))} MiB;` +
+      ` rss before ${mib(before.rss)}, peak ${mib(peakRss)}, after ${
+        mib(final.rss)
       } MiB`,
   );
-  assert.ok(grown < 4 * MiB, `the server kept ${mb(grown)} MiB`);
+  assert.ok(grown < 4 * MiB, `the server kept ${mib(grown)} MiB`);
   await server.shutdown();
 });
-
-function mb(bytes: number): string {
-  return (bytes / MiB).toFixed(1);
-}
 
 /** Runs _reliability/fragments.ts: memory kept while assembling fragments. */
 async function fragmentMemory(
@@ -596,7 +597,7 @@ Deno.test("chaos: a message cut into one-byte fragments costs memory in proporti
     assert.ok(ok, `the ${kind} message arrived intact`);
     console.log(
       `chaos: assembling a ${kind} message of ${count} one-byte fragments kept ${
-        mb(retained)
+        mib(retained)
       } MiB (${Math.round(retained / count)} B per fragment)`,
     );
     results.push({ kind, count, retained });
@@ -606,7 +607,7 @@ Deno.test("chaos: a message cut into one-byte fragments costs memory in proporti
     assert.ok(
       retained < 16 * count,
       `assembling a ${kind} message of ${count} fragments kept ${
-        mb(retained)
+        mib(retained)
       } MiB`,
     );
   }

@@ -11,6 +11,7 @@ import {
   ServerProcess,
   type ServerStats,
 } from "./_reliability/helpers.ts";
+import { mib } from "./_helpers.ts";
 
 const COUNT = Number(Deno.env.get("LOAD_CONNECTIONS") ?? 10_000);
 /** Sockets per process: the connections plus room for the runtime. */
@@ -56,8 +57,8 @@ Deno.test(`${COUNT} concurrent connections connect, echo and close; memory per i
         `server memory per idle connection: ${
           Math.round(perConnection)
         } B heap+external, ${Math.round(rssPerConnection)} B RSS ` +
-        `(heap+external ${mb(used(before))} -> ${mb(used(idle))} MiB, ` +
-        `RSS ${mb(before.rss)} -> ${mb(idle.rss)} MiB)`,
+        `(heap+external ${mib(used(before))} -> ${mib(used(idle))} MiB, ` +
+        `RSS ${mib(before.rss)} -> ${mib(idle.rss)} MiB)`,
     );
 
     await input.write(new TextEncoder().encode("close\n"));
@@ -73,15 +74,15 @@ Deno.test(`${COUNT} concurrent connections connect, echo and close; memory per i
     assert.equal(ends.length, COUNT);
     assert.ok(ends.every(([, end]) => end === "close 1000"));
     console.log(
-      `load: after closing, server heap+external ${mb(used(after))} MiB, RSS ${
-        mb(after.rss)
+      `load: after closing, server heap+external ${mib(used(after))} MiB, RSS ${
+        mib(after.rss)
       } MiB`,
     );
     // Everything per connection was given back; the outcome records that
     // the test server itself keeps (one string per connection) remain.
     assert.ok(
       used(after) - used(before) < 4 * 1024 * 1024,
-      `the server kept ${mb(used(after) - used(before))} MiB`,
+      `the server kept ${mib(used(after) - used(before))} MiB`,
     );
     await server.shutdown();
   } finally {
@@ -91,7 +92,3 @@ Deno.test(`${COUNT} concurrent connections connect, echo and close; memory per i
     assert.ok(status.success, `the client process exited with ${status.code}`);
   }
 });
-
-function mb(bytes: number): string {
-  return (bytes / 1024 / 1024).toFixed(1);
-}

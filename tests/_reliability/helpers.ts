@@ -238,13 +238,3 @@ export async function readUntilClose(
     seen.set(f.opcode, (seen.get(f.opcode) ?? 0) + 1);
   }
 }
-
-/** Reads until EOF, ignoring everything (and read errors). */
-export async function drain(conn: Deno.Conn): Promise<void> {
-  const buffer = new Uint8Array(64 * 1024);
-  try {
-    while ((await conn.read(buffer)) !== null);
-  } catch {
-    // A reset ends it too.
-  }
-}
