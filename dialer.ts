@@ -1001,13 +1001,10 @@ async function checkResponse(
   }
   const protocol = headers.get("sec-websocket-protocol");
   if (protocol !== null && !offered.includes(protocol)) {
+    const chose = `the server chose the subprotocol ${describe(protocol)}`;
     return offered.length === 0
-      ? `the server chose the subprotocol ${
-        describe(protocol)
-      } although none was offered`
-      : `the server chose the subprotocol ${
-        describe(protocol)
-      }, which is not one of ${offered.join(", ")}`;
+      ? `${chose} although none was offered`
+      : `${chose}, which is not one of ${offered.join(", ")}`;
   }
   return undefined;
 }
