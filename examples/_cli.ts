@@ -15,7 +15,7 @@ export interface ServerArgs {
   port: number;
   hostname: string;
   /** The example's own flags, by name (absent when not given and no default). */
-  flags: Record<string, string | boolean | undefined>;
+  flags: FlagValues;
   positionals: string[];
 }
 
@@ -40,32 +40,52 @@ export function parsePort(value: string): number {
  * Drops a leading `--`: `deno task NAME -- --port 9000` passes it on, and
  * `parseArgs` would take everything after it for positionals.
  */
-export function withoutSeparator(args: string[]): string[] {
+function withoutSeparator(args: string[]): string[] {
   return args[0] === "--" ? args.slice(1) : args;
 }
 
-/** Parses `args` (normally `Deno.args`). */
+/** Flag values by name, as `parseArgs` returns them. */
+export type FlagValues = Record<string, string | boolean | undefined>;
+
+/**
+ * Parses `args` (normally `Deno.args`) against `flags`; on a bad command line
+ * prints the reason and the usage and exits with status 2.
+ */
+export function parseFlags(
+  args: string[],
+  usage: string,
+  flags: FlagSpec,
+  allowPositionals = false,
+): { values: FlagValues; positionals: string[] } {
+  try {
+    return parseArgs({
+      args: withoutSeparator(args),
+      allowPositionals,
+      options: flags,
+    });
+  } catch (error) {
+    exitWithUsage(`Cannot start: ${(error as Error).message}`, usage);
+  }
+}
+
+/** Parses a server's command line: `--port`, `--hostname` and `flags`. */
 export function parseServerArgs(
   args: string[],
   usage: string,
   flags: FlagSpec = {},
   allowPositionals = false,
 ): ServerArgs {
+  const { values, positionals } = parseFlags(args, usage, {
+    ...flags,
+    port: { type: "string", default: "8080" },
+    hostname: { type: "string", default: "127.0.0.1" },
+  }, allowPositionals);
+  const { port, hostname, ...rest } = values;
   try {
-    const { values, positionals } = parseArgs({
-      args: withoutSeparator(args),
-      allowPositionals,
-      options: {
-        ...flags,
-        port: { type: "string", default: "8080" },
-        hostname: { type: "string", default: "127.0.0.1" },
-      },
-    });
-    const { port, hostname, ...rest } = values;
     return {
       port: parsePort(port as string),
       hostname: hostname as string,
-      flags: rest as ServerArgs["flags"],
+      flags: rest,
       positionals,
     };
   } catch (error) {

@@ -14,9 +14,8 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { type Conn, Dialer, isCloseError, MESSAGE_TYPE } from "../../mod.ts";
-import { exitWithUsage, withoutSeparator } from "../_cli.ts";
+import { parseFlags } from "../_cli.ts";
 
 /** Options for {@linkcode runSuite}. */
 export interface SuiteOptions {
@@ -166,28 +165,22 @@ export async function runSuite(options: SuiteOptions): Promise<number> {
 
 if (import.meta.main) {
   const usage = "Usage: client.ts [--url ws://HOST:PORT] [--agent NAME]";
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: withoutSeparator(Deno.args),
-      options: {
-        url: { type: "string", default: "ws://127.0.0.1:9001" },
-        agent: { type: "string", default: "denows" },
-      },
-    }));
-  } catch (error) {
-    exitWithUsage(`Cannot start: ${(error as Error).message}`, usage);
-  }
+  const { values } = parseFlags(Deno.args, usage, {
+    url: { type: "string", default: "ws://127.0.0.1:9001" },
+    agent: { type: "string", default: "denows" },
+  });
+  const url = values.url as string;
+  const agent = values.agent as string;
   try {
     const count = await runSuite({
-      url: values.url,
-      agent: values.agent,
+      url,
+      agent,
       onCase: (index, count) =>
         console.log(`Running case ${index} of ${count}`),
     });
-    console.log(`Ran ${count} cases; reports updated for ${values.agent}`);
+    console.log(`Ran ${count} cases; reports updated for ${agent}`);
   } catch (error) {
-    console.error(`Cannot run the suite at ${values.url}:`, error);
+    console.error(`Cannot run the suite at ${url}:`, error);
     Deno.exit(1);
   }
 }

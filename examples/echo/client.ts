@@ -11,11 +11,10 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import type { Conn } from "../../conn.ts";
 import { Dialer } from "../../dialer.ts";
 import { formatCloseMessage, MESSAGE_TYPE } from "../../frame.ts";
-import { exitWithUsage, withoutSeparator } from "../_cli.ts";
+import { parseFlags } from "../_cli.ts";
 
 /** Options for {@linkcode runClient}. */
 export interface ClientOptions {
@@ -106,16 +105,10 @@ async function readLoop(
 const USAGE = "Usage: deno task echo:client [--url ws://127.0.0.1:8080/ws]";
 
 if (import.meta.main) {
-  let url: string;
-  try {
-    const { values } = parseArgs({
-      args: withoutSeparator(Deno.args),
-      options: { url: { type: "string", default: "ws://127.0.0.1:8080/ws" } },
-    });
-    url = values.url as string;
-  } catch (error) {
-    exitWithUsage(`Cannot start: ${(error as Error).message}`, USAGE);
-  }
+  const { values } = parseFlags(Deno.args, USAGE, {
+    url: { type: "string", default: "ws://127.0.0.1:8080/ws" },
+  });
+  const url = values.url as string;
   const controller = new AbortController();
   const onInterrupt = () => controller.abort();
   Deno.addSignalListener("SIGINT", onInterrupt);
