@@ -88,7 +88,9 @@ const server = serve({
     return;
   }
   upgraded++;
-  await echo(conn, name);
+  // Not awaited, as in examples/echo: a handler still running would keep its
+  // Request alive for as long as the connection lasts. echo() never rejects.
+  echo(conn, name);
 });
 
 function memory() {
