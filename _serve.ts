@@ -563,6 +563,40 @@ function newBodyState(): BodyState {
   };
 }
 
+/** Calls `handler`; a synchronous throw becomes a rejection. */
+async function callHandler(
+  handler: ServeHandler,
+  request: Request,
+  info: ServeHandlerInfo,
+): Promise<Response | void> {
+  return await handler(request, info);
+}
+
+/**
+ * Waits for a handler's result until `abandon()`, which settles the wait
+ * with undefined. A Response the handler returns after that is never sent,
+ * so its body is cancelled; a rejection after that is dropped. A module
+ * function, so that the handler's promise references nothing of the
+ * connection that abandoned it.
+ */
+function abandonable(result: Promise<Response | void>): {
+  settled: Promise<Response | void>;
+  abandon(): void;
+} {
+  const abandoned = Promise.withResolvers<void>();
+  let isAbandoned = false;
+  result.then((response) => {
+    if (isAbandoned) response?.body?.cancel().catch(() => {});
+  }, () => {});
+  return {
+    settled: Promise.race([result, abandoned.promise]),
+    abandon() {
+      isAbandoned = true;
+      abandoned.resolve();
+    },
+  };
+}
+
 /** One client connection and its request loop. */
 class HttpConnection {
   readonly #server: HttpServer;
@@ -584,6 +618,8 @@ class HttpConnection {
    * leaving (EOF or reset). Its bytes are the start of the next request.
    */
   #early: Promise<Uint8Array | null> | undefined;
+  /** Ends the wait for a handler whose request's connection was taken. */
+  #onTaken: (() => void) | undefined;
 
   constructor(server: HttpServer, conn: Deno.Conn) {
     this.#server = server;
@@ -985,17 +1021,27 @@ class HttpConnection {
     });
     let response: Response | void;
     try {
-      response = await this.#server.handler(request, info);
+      const result = callHandler(this.#server.handler, request, info);
+      if (head.headers.has("upgrade")) {
+        // A handler that serves its WebSocket until it closes would keep
+        // this object, its buffers and the request loop alive for as long
+        // (several KiB per idle connection): stop waiting once it is taken.
+        const wait = abandonable(result);
+        // The handler may have taken it before its first await.
+        if (this.#taken) wait.abandon();
+        else this.#onTaken = wait.abandon;
+        response = await wait.settled;
+        this.#onTaken = undefined;
+      } else {
+        response = await result;
+      }
     } catch (error) {
       response = this.#taken ? undefined : await this.#failure(error);
     } finally {
       handling = false;
     }
     try {
-      if (this.#taken) {
-        response?.body?.cancel().catch(() => {});
-        return false;
-      }
+      if (this.#taken) return false;
       if (!(response instanceof Response) || response.status < 200) {
         response = await this.#failure(
           new TypeError(
@@ -1036,14 +1082,12 @@ class HttpConnection {
 
   #handOver(): HijackedConnection {
     this.#taken = true;
-    this.#server.forget(this);
+    this.#onTaken?.();
+    const server = this.#server;
+    server.forget(this);
     const head = this.#buffered;
     this.#buffered = new Uint8Array(0);
-    return {
-      conn: this.#conn,
-      head,
-      track: (closer) => this.#server.track(closer),
-    };
+    return { conn: this.#conn, head, track: (closer) => server.track(closer) };
   }
 
   /** Reads and drops what is left of a request body, if that is cheap. */
