@@ -48,6 +48,7 @@ import {
   ProtocolError,
   writeHeader,
 } from "./frame.ts";
+import { Deadline } from "./_deadline.ts";
 import { maskInPlace } from "./_mask.ts";
 import { Utf8Validator } from "./_utf8.ts";
 import type { DeflateParameters } from "./deflate.ts";
@@ -813,7 +814,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #validating = false;
   #utf8: Utf8Validator | undefined;
   #readLimit = 0;
-  #readDeadline = 0;
+  /** Made on first use: a Conn that never sets one pays nothing for it. */
+  #readDeadline: Deadline | undefined;
   #reading = false;
   #readSignal: AbortSignal | undefined;
   #readErr: unknown;
@@ -843,7 +845,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /** Bytes queued or in flight. */
   #queued = 0;
   #roomWaiters: (() => void)[] = [];
-  #writeDeadline = 0;
+  /** Made on first use, like the read deadline. */
+  #writeDeadline: Deadline | undefined;
   #writeErr: unknown;
   #closeSent = false;
   #lockTail: Promise<void> = RESOLVED;
@@ -1260,6 +1263,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /**
    * Sets when pending and future reads give up (`null`: never). A read that
    * times out fails the read side for good with `Deno.errors.TimedOut`.
+   * As in Go, moving the deadline also moves it for the read in flight
+   * (setting it to now wakes a blocked reader), once this Conn has had a
+   * read deadline or signal: until then reads run without a timer, so the
+   * very first deadline bounds the reads that start after it.
    *
    * @param time The absolute deadline, or `null`.
    * @throws {TypeError} `time` is not a valid `Date` or `null`.
@@ -1282,7 +1289,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * ```
    */
   setReadDeadline(time: Date | null): void {
-    this.#readDeadline = deadlineOf(time, "set read deadline");
+    const at = deadlineOf(time, "set read deadline");
+    if (at !== 0 || this.#readDeadline !== undefined) {
+      (this.#readDeadline ??= new Deadline("read")).set(at);
+    }
   }
 
   // =========================================================== writing
@@ -1582,7 +1592,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /**
    * Sets when pending and future writes give up (`null`: never). A write
    * that times out fails the write side for good with
-   * `Deno.errors.TimedOut`.
+   * `Deno.errors.TimedOut`. As with {@linkcode Conn.setReadDeadline},
+   * moving it applies to the socket write in flight once this Conn has had
+   * a write deadline.
    *
    * @param time The absolute deadline, or `null`.
    * @throws {TypeError} `time` is not a valid `Date` or `null`.
@@ -1605,7 +1617,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * ```
    */
   setWriteDeadline(time: Date | null): void {
-    this.#writeDeadline = deadlineOf(time, "set write deadline");
+    const at = deadlineOf(time, "set write deadline");
+    if (at !== 0 || this.#writeDeadline !== undefined) {
+      (this.#writeDeadline ??= new Deadline("write")).set(at);
+    }
   }
 
   /**
@@ -2435,9 +2450,11 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    */
   #startRead(buffer: Uint8Array): Promise<number | null> {
     const read = this.#transport.read(buffer);
-    return this.#readDeadline === 0 && this.#readSignal === undefined
-      ? read
-      : race(read, this.#readDeadline, this.#readSignal, "read");
+    if (this.#readDeadline === undefined && this.#readSignal === undefined) {
+      return read;
+    }
+    return (this.#readDeadline ??= new Deadline("read"))
+      .bound(read, this.#readSignal);
   }
 
   /** One transport read; EOF and transport failures become errors. */
@@ -2742,9 +2759,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
             const write = this.#transport.write(
               offset === 0 ? segment : segment.subarray(offset),
             );
-            offset += this.#writeDeadline === 0
+            offset += this.#writeDeadline === undefined
               ? await write
-              : await race(write, this.#writeDeadline, undefined, "write");
+              : await this.#writeDeadline.bound(write);
           }
         }
       } catch (error) {
@@ -2812,7 +2829,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     deadline: number,
     signal: AbortSignal | undefined,
   ): Promise<void> {
-    return race(written, deadline, signal, "write").catch((error) => {
+    const bounds = new Deadline("write");
+    bounds.set(deadline);
+    return bounds.bound(written, signal).catch((error) => {
       if (error instanceof Deno.errors.TimedOut) this.#failWrite(error);
       else if (isAbort(error, signal)) this.#writeErr ??= error;
       throw error;
@@ -2862,53 +2881,6 @@ function deadlineOf(time: Date | null, action: string): number {
 
 function isAbort(error: unknown, signal: AbortSignal | undefined): boolean {
   return signal !== undefined && signal.aborted && error === signal.reason;
-}
-
-/**
- * Settles like `promise` unless `deadline` (ms since the epoch; 0: none)
- * passes or `signal` aborts first. The loser is still observed, so its
- * later rejection is never unhandled.
- */
-function race<T>(
-  promise: Promise<T>,
-  deadline: number,
-  signal: AbortSignal | undefined,
-  action: string,
-): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const cleanup = () => {
-      if (timer !== undefined) clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-    };
-    const onAbort = () => {
-      cleanup();
-      reject(signal!.reason);
-    };
-    if (signal?.aborted) {
-      promise.catch(noop);
-      reject(signal.reason);
-      return;
-    }
-    if (deadline !== 0) {
-      timer = setTimeout(() => {
-        cleanup();
-        reject(
-          new Deno.errors.TimedOut(
-            `Cannot ${action}: the ${action} deadline passed`,
-          ),
-        );
-      }, Math.max(0, deadline - Date.now()));
-    }
-    signal?.addEventListener("abort", onAbort, { once: true });
-    promise.then((value) => {
-      cleanup();
-      resolve(value);
-    }, (error) => {
-      cleanup();
-      reject(error);
-    });
-  });
 }
 
 /** Settles an iteration step from a read message. */

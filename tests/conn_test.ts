@@ -557,6 +557,25 @@ Deno.test("setReadDeadline() in the past fails the next read at once", async () 
   remote.close();
 });
 
+Deno.test("setReadDeadline() moved while a read waits applies to that read, as in Go", async () => {
+  const { conn, send, remote } = rawPeer("server");
+  // Lifted while the read waits: the read goes on and gets the message.
+  conn.setReadDeadline(new Date(Date.now() + 30));
+  const reading = conn.readMessage();
+  conn.setReadDeadline(null);
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  await send({ opcode: OP.text, payload: "in time" });
+  const { data } = await reading;
+  assert.equal(new TextDecoder().decode(data), "in time");
+  // Brought forward while the read waits: it times out at the new time.
+  conn.setReadDeadline(new Date(Date.now() + 60_000));
+  const waiting = conn.readMessage();
+  conn.setReadDeadline(new Date());
+  await assert.rejects(waiting, Deno.errors.TimedOut);
+  conn.close();
+  remote.close();
+});
+
 Deno.test("readMessage({ signal }) rejects with the abort reason, sticky", async () => {
   const { conn, remote } = rawPeer("client");
   const controller = new AbortController();
@@ -586,6 +605,20 @@ Deno.test("setWriteDeadline() bounds a write to a peer that stops reading", asyn
     conn.writeMessage(MESSAGE_TYPE.Text, "more"),
     (e) => e === error,
   );
+  conn.close();
+  remote.close();
+});
+
+Deno.test("setWriteDeadline() brought forward while a write waits ends that write", async () => {
+  const { conn, remote } = rawPeer("server", { capacity: 1024 });
+  conn.setWriteDeadline(new Date(Date.now() + 60_000));
+  const writing = conn.writeMessage(
+    MESSAGE_TYPE.Binary,
+    new Uint8Array(1 << 20),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  conn.setWriteDeadline(new Date());
+  await assert.rejects(writing, Deno.errors.TimedOut);
   conn.close();
   remote.close();
 });

@@ -1,0 +1,79 @@
+// The deadline of one side of a Conn (reading or writing), with the meaning
+// of Go's net.Conn deadlines that gorilla passes on: it bounds the operation
+// in flight as well as later ones, so moving it while a read waits (or
+// setting it to now, to wake a blocked reader) takes effect at once.
+
+const noop = () => {};
+
+/** Bounds transport operations of one side by a movable deadline. */
+export class Deadline {
+  readonly #action: string;
+  /** Milliseconds since the epoch; 0: none. */
+  #at = 0;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  /** Rejects the operation in flight; undefined when none is. */
+  #fail: ((error: Error) => void) | undefined;
+
+  /** @param action What the side does ("read", "write"), for the error. */
+  constructor(action: string) {
+    this.#action = action;
+  }
+
+  /** Moves the deadline (0: none); the operation in flight sees it too. */
+  set(at: number): void {
+    this.#at = at;
+    if (this.#fail !== undefined) this.#arm();
+  }
+
+  /**
+   * Settles like `operation` unless the deadline passes (rejecting with
+   * `Deno.errors.TimedOut`) or `signal` aborts first. The loser is still
+   * observed, so its later rejection is never unhandled. One operation at a
+   * time: the side's own code never overlaps them.
+   */
+  bound<T>(operation: Promise<T>, signal?: AbortSignal): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      if (signal?.aborted) {
+        operation.catch(noop);
+        reject(signal.reason);
+        return;
+      }
+      const finish = () => {
+        if (this.#fail !== fail) return;
+        this.#fail = undefined;
+        this.#arm();
+        signal?.removeEventListener("abort", onAbort);
+      };
+      const fail = (error: Error) => {
+        finish();
+        reject(error);
+      };
+      const onAbort = () => fail(signal!.reason);
+      this.#fail = fail;
+      this.#arm();
+      signal?.addEventListener("abort", onAbort, { once: true });
+      operation.then((value) => {
+        finish();
+        resolve(value);
+      }, fail);
+    });
+  }
+
+  /** (Re)starts the timer for the operation in flight, if there is one. */
+  #arm(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    const fail = this.#fail;
+    if (fail === undefined || this.#at === 0) return;
+    const action = this.#action;
+    this.#timer = setTimeout(
+      () =>
+        fail(
+          new Deno.errors.TimedOut(
+            `Cannot ${action}: the ${action} deadline passed`,
+          ),
+        ),
+      Math.max(0, this.#at - Date.now()),
+    );
+  }
+}
