@@ -426,7 +426,7 @@ export class ConnectionClosedError extends Error {
 
 /**
  * Whether `error` is a {@linkcode CloseError} with one of `codes` (any code
- * when none are given).
+ * when none are given, where gorilla's `IsCloseError` would say false).
  *
  * @param error Anything caught.
  * @param codes Close codes to accept.
@@ -1370,8 +1370,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /**
    * Starts a message sent in fragments: each fragment is a frame of up to
    * `writeBufferSize` bytes, and `close()` sends the final one. Other data
-   * messages wait until the writer is closed; control frames may go
-   * between its fragments.
+   * messages, and a further `nextWriter()`, wait until the writer is closed
+   * (gorilla closes the previous writer instead, which overlapping async
+   * callers would turn into a cut message): a writer left open holds back
+   * every later data message. Control frames may go between its fragments.
    *
    * @param type {@linkcode MESSAGE_TYPE.Text} or {@linkcode MESSAGE_TYPE.Binary}.
    * @returns The writer.
