@@ -26,6 +26,7 @@ import {
   connPair,
   expectClose,
   jsonText,
+  mib,
   pattern,
   rawPeer,
   type Role,
@@ -678,6 +679,12 @@ Deno.test("a 256 MiB bomb over a Conn is refused with 1009 while the process gro
       ["--no-check"],
     );
     assert.equal(results.length, 2);
+    console.log(
+      `bomb: ${(bomb.length / 1024).toFixed(0)} KiB inflating to 256 MiB ` +
+        `refused; peak RSS grew by ${
+          results.map((r) => mib(r.growth)).join(" and ")
+        } MiB`,
+    );
     for (const result of results) {
       assert.equal(result.code, 1009);
       assert.ok(
