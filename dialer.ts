@@ -109,7 +109,11 @@ export interface DialerOptions {
    * The name the server's certificate must match, instead of the URL's host.
    */
   serverName?: string;
-  /** Chooses a proxy per target; absent means no proxy. */
+  /**
+   * Chooses a proxy per target; absent means no proxy. A `wss:` target
+   * cannot go through an `https:` proxy (Deno cannot run TLS inside TLS):
+   * such a dial throws a TypeError.
+   */
   proxy?: ProxyFunction;
   /** Opens the TCP connection; absent means `Deno.connect`. */
   connect?: ConnectFunction;

@@ -1251,3 +1251,27 @@ Deno.test("echo client sends on every tick and closes with 1000 on interrupt", a
     await server.shutdown();
   }
 });
+
+Deno.test("echo client --compress negotiates permessage-deflate with the echo server --compress", async () => {
+  const { runClient } = await import("../examples/echo/client.ts");
+  const { startServer } = await import("../examples/echo/server.ts");
+  const server = startServer({ port: 0, compress: true, onListen() {} });
+  try {
+    const controller = new AbortController();
+    const lines: string[] = [];
+    await runClient({
+      url: `ws://127.0.0.1:${server.addr.port}/ws`,
+      compress: true,
+      signal: controller.signal,
+      interval: 10,
+      log(line) {
+        lines.push(line);
+        if (line.startsWith("recv: ")) controller.abort();
+      },
+    });
+    assert.match(lines[0], /^connected to .* \(permessage-deflate\)$/);
+    assert.ok(lines.some((l) => l.startsWith("recv: ")));
+  } finally {
+    await server.shutdown({ closeWebSockets: true });
+  }
+});

@@ -6,7 +6,7 @@
  *
  * ```sh
  * deno task echo:client
- * deno task echo:client -- --url ws://127.0.0.1:9000/ws
+ * deno task echo:client -- --url ws://127.0.0.1:9000/ws --compress
  * ```
  *
  * @module
@@ -22,6 +22,8 @@ export interface ClientOptions {
   url: string;
   /** Aborting it closes the connection with 1000 (Ctrl+C in the CLI). */
   signal: AbortSignal;
+  /** Offer permessage-deflate (RFC 7692). */
+  compress?: boolean;
   /** Milliseconds between two messages (default 1000). */
   interval?: number;
   /** Where lines go (default `console.log`). */
@@ -37,11 +39,16 @@ const CLOSE_WAIT_MS = 1000;
  */
 export async function runClient(options: ClientOptions): Promise<void> {
   const log = options.log ?? console.log;
-  const { conn } = await new Dialer({ handshakeTimeout: 10_000 }).dial(
-    options.url,
-    { signal: options.signal },
+  const dialer = new Dialer({
+    handshakeTimeout: 10_000,
+    enableCompression: options.compress,
+  });
+  const { conn } = await dialer.dial(options.url, { signal: options.signal });
+  log(
+    `connected to ${options.url}${
+      conn.compression ? " (permessage-deflate)" : ""
+    }`,
   );
-  log(`connected to ${options.url}`);
   const done = readLoop(conn, log);
   const ticker = setInterval(() => {
     conn.writeMessage(MESSAGE_TYPE.Text, new Date().toISOString()).catch(
@@ -102,18 +109,21 @@ async function readLoop(
   }
 }
 
-const USAGE = "Usage: deno task echo:client [--url ws://127.0.0.1:8080/ws]";
+const USAGE =
+  "Usage: deno task echo:client [--url ws://127.0.0.1:8080/ws] [--compress]";
 
 if (import.meta.main) {
   const { values } = parseFlags(Deno.args, USAGE, {
     url: { type: "string", default: "ws://127.0.0.1:8080/ws" },
+    compress: { type: "boolean", default: false },
   });
   const url = values.url as string;
+  const compress = values.compress === true;
   const controller = new AbortController();
   const onInterrupt = () => controller.abort();
   Deno.addSignalListener("SIGINT", onInterrupt);
   try {
-    await runClient({ url, signal: controller.signal });
+    await runClient({ url, compress, signal: controller.signal });
   } catch (error) {
     console.error(`Cannot run the echo client: ${(error as Error).message}`);
     Deno.exitCode = 1;
