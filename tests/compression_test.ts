@@ -33,7 +33,15 @@ import {
   ROLES,
   runJsonScript,
 } from "./_helpers.ts";
-import { concat, frames, OP, type RawFrame, utf8 } from "./_frames.ts";
+import {
+  concat,
+  FrameReader,
+  frames,
+  OP,
+  type RawFrame,
+  type ReadFrame,
+  utf8,
+} from "./_frames.ts";
 
 const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 const NEGOTIATED: DeflateParameters = negotiateDeflate(DEFLATE_OFFER)!
@@ -83,6 +91,52 @@ function compressedPair(
     compressionThreshold: 0,
     ...options,
   });
+}
+
+/** `socket`, with every byte it reads and writes copied into the arrays. */
+function recording(
+  socket: Deno.Conn,
+  received: Uint8Array[],
+  sent: Uint8Array[],
+): Deno.Conn {
+  return new Proxy(socket, {
+    get(target, name) {
+      if (name === "read") {
+        return async (buffer: Uint8Array) => {
+          const n = await target.read(buffer);
+          if (n !== null) received.push(buffer.slice(0, n));
+          return n;
+        };
+      }
+      if (name === "write") {
+        return async (data: Uint8Array) => {
+          const n = await target.write(data);
+          sent.push(data.slice(0, n));
+          return n;
+        };
+      }
+      const value = Reflect.get(target, name);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
+
+/** The first frame after the HTTP head in recorded bytes. */
+async function firstFrameAfterHead(chunks: Uint8Array[]): Promise<ReadFrame> {
+  const bytes = concat(...chunks);
+  const end = decoder.decode(bytes).indexOf("\r\n\r\n") + 4;
+  let rest: Uint8Array | null = bytes.subarray(end);
+  const frame = await new FrameReader({
+    read(buffer) {
+      if (rest === null || rest.length === 0) return Promise.resolve(null);
+      const n = Math.min(buffer.length, rest.length);
+      buffer.set(rest.subarray(0, n));
+      rest = rest.subarray(n);
+      return Promise.resolve(n);
+    },
+  }).next();
+  assert.ok(frame, "no frame after the head");
+  return frame;
 }
 
 /** Reads everything a streaming reader yields, `size` bytes at a time. */
@@ -976,10 +1030,15 @@ Deno.test("Upgrader and Dialer pass compressionThreshold to the Conn and check i
   await withServer(
     new Upgrader({ enableCompression: true, compressionThreshold: 0 }),
     async (url, accepted) => {
-      // A raw client: read the server's frame as it is on the wire.
+      // The client's socket records both directions, so the frames can be
+      // checked as they were on the wire.
+      const received: Uint8Array[] = [];
+      const sent: Uint8Array[] = [];
       const { conn } = await new Dialer({
         enableCompression: true,
         compressionThreshold: 100_000,
+        connect: async ({ hostname, port }) =>
+          recording(await Deno.connect({ hostname, port }), received, sent),
       }).dial(url);
       const server = await accepted;
       await server.writeMessage(MESSAGE_TYPE.Text, "tiny");
@@ -988,6 +1047,13 @@ Deno.test("Upgrader and Dialer pass compressionThreshold to the Conn and check i
       assert.equal((await server.readMessage()).data.length, 50_000);
       server.close();
       conn.close();
+      // Threshold 0 on the server: even 4 bytes go compressed (RSV1).
+      const fromServer = await firstFrameAfterHead(received);
+      assert.equal(fromServer.rsv, 4);
+      // Threshold 100,000 on the client: 50,000 bytes go as they are.
+      const fromClient = await firstFrameAfterHead(sent);
+      assert.equal(fromClient.rsv, 0);
+      assert.equal(fromClient.payload.length, 50_000);
     },
   );
 });
