@@ -410,6 +410,19 @@ Deno.test("Deno pin: DecompressionStream refuses bytes after a final block and c
   );
 });
 
+Deno.test("Deno pin: one DecompressionStream write yields its whole output as one chunk, even 8 MiB", async () => {
+  // MessageInflater takes one chunk per write (see StreamDriver).
+  const zeros = new Uint8Array(zlib.deflateRawSync(new Uint8Array(8 << 20), {
+    finishFlush: zlib.constants.Z_SYNC_FLUSH,
+  }));
+  const [output] = await rawWrites(
+    new DecompressionStream("deflate-raw"),
+    [zeros],
+    false,
+  );
+  assert.equal(output.length, 8 << 20);
+});
+
 Deno.test("Deno pin: DecompressionStream close() does not report a truncated stream", async () => {
   const payload = zlibCompress(jsonBytes(2000));
   const outputs = await rawWrites(
