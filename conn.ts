@@ -1375,6 +1375,13 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * callers would turn into a cut message): a writer left open holds back
    * every later data message. Control frames may go between its fragments.
    *
+   * With permessage-deflate, the message is compressed fragment by fragment
+   * (RSV1 on the first); one that ends within its first fragment below the
+   * compression threshold goes out uncompressed. Should the compressor's
+   * output ever be malformed, the first fragment goes out uncompressed
+   * instead, while a later one (RSV1 already sent) fails the connection
+   * with 1011.
+   *
    * @param type {@linkcode MESSAGE_TYPE.Text} or {@linkcode MESSAGE_TYPE.Binary}.
    * @returns The writer.
    * @throws {TypeError} The type is not a data message type.
