@@ -658,7 +658,7 @@ Deno.test("the read limit bounds what nextReader() streams out of a compressed m
   await expectClose(reader, 1009);
 });
 
-Deno.test("a 256 MiB bomb over a Conn is refused with 1009 while the process grows by a few MiB", async () => {
+Deno.test("a 256 MiB bomb over a Conn is refused with 1009 without inflating it", async () => {
   // Built by zlib in a stream, so the test itself never holds 256 MiB.
   const deflater = zlib.createDeflateRaw();
   const parts: Uint8Array[] = [];
@@ -739,10 +739,14 @@ Deno.test("a 256 MiB bomb over a Conn is refused with 1009 while the process gro
           results.map((r) => mib(r.growth)).join(" and ")
         } MiB`,
     );
+    // The inflater's own bound is the 1 MiB read limit; the rest is the
+    // allocator and GC, which vary by machine (4-9 MiB seen). 32 MiB keeps
+    // that noise out and still fails a Conn that inflates one 64 KiB
+    // fragment whole (64 MiB) or the bomb (256 MiB).
     for (const result of results) {
       assert.equal(result.code, 1009);
       assert.ok(
-        result.growth < 8 * 1024 * 1024,
+        result.growth < 32 * 1024 * 1024,
         `peak RSS grew by ${result.growth} bytes`,
       );
     }

@@ -716,7 +716,7 @@ function zeroBomb(mebibytes: number): Uint8Array {
   return bomb.subarray(0, bomb.length - TAIL.length);
 }
 
-Deno.test("MessageInflater refuses a 256 MiB bomb of zeros with 1009 while the process grows by a few MiB", async () => {
+Deno.test("MessageInflater refuses a 256 MiB bomb of zeros with 1009 without inflating it", async () => {
   const bomb = zeroBomb(256);
   assert.ok(bomb.length < 300 * 1024);
   const dir = await Deno.makeTempDir();
@@ -757,8 +757,10 @@ Deno.test("MessageInflater refuses a 256 MiB bomb of zeros with 1009 while the p
     for (const result of results) {
       assert.equal(result.code, 1009);
       assert.ok(result.inflated <= 1 << 20, `inflated ${result.inflated}`);
+      // Beyond the 1 MiB limit, RSS is the allocator's and GC's (4-9 MiB
+      // seen, by machine); 32 MiB is far below the bomb's 256 MiB.
       assert.ok(
-        result.growth < 8 * 1024 * 1024,
+        result.growth < 32 * 1024 * 1024,
         `peak RSS grew by ${result.growth} bytes`,
       );
     }
