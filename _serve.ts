@@ -1019,26 +1019,21 @@ class HttpConnection {
       if (!handling || this.#closed || this.#taken) return undefined;
       return this.#handOver();
     });
+    // A handler that serves its WebSocket until it closes would keep this
+    // object, its buffers and the request loop alive for as long (several
+    // KiB per idle connection): stop waiting once the connection is taken.
+    const wait = abandonable(callHandler(this.#server.handler, request, info));
+    // The handler may have taken it before its first await.
+    if (this.#taken) wait.abandon();
+    else this.#onTaken = wait.abandon;
     let response: Response | void;
     try {
-      const result = callHandler(this.#server.handler, request, info);
-      if (head.headers.has("upgrade")) {
-        // A handler that serves its WebSocket until it closes would keep
-        // this object, its buffers and the request loop alive for as long
-        // (several KiB per idle connection): stop waiting once it is taken.
-        const wait = abandonable(result);
-        // The handler may have taken it before its first await.
-        if (this.#taken) wait.abandon();
-        else this.#onTaken = wait.abandon;
-        response = await wait.settled;
-        this.#onTaken = undefined;
-      } else {
-        response = await result;
-      }
+      response = await wait.settled;
     } catch (error) {
       response = this.#taken ? undefined : await this.#failure(error);
     } finally {
       handling = false;
+      this.#onTaken = undefined;
     }
     try {
       if (this.#taken) return false;
@@ -1083,6 +1078,7 @@ class HttpConnection {
   #handOver(): HijackedConnection {
     this.#taken = true;
     this.#onTaken?.();
+    // `track` must not hold this HttpConnection, which is done with.
     const server = this.#server;
     server.forget(this);
     const head = this.#buffered;

@@ -1065,38 +1065,45 @@ Deno.test("takeConnection() hands over the socket with the bytes behind the head
   await server.shutdown();
 });
 
-Deno.test("takeConnection(): serve() stops waiting for the handler at once, and drops what it returns later", async () => {
-  // A handler that serves its WebSocket until it closes must not keep the
-  // request loop (and its buffers) alive for as long (issue 7, S6).
-  const release = Promise.withResolvers<void>();
-  const completed = Promise.withResolvers<void>();
-  let bodyCancelled = false;
-  const server = start(async (req, info) => {
-    const taken = takeConnection(req)!;
-    info.completed.then(completed.resolve);
-    await release.promise;
-    taken.conn.close();
-    const body = new ReadableStream({
-      cancel() {
-        bodyCancelled = true;
-      },
+for (
+  const [kind, headers] of [
+    ["an upgrade request", "Upgrade: x\r\nConnection: upgrade\r\n"],
+    ["a plain request", ""],
+  ]
+) {
+  Deno.test(`takeConnection() on ${kind}: serve() stops waiting for the handler at once, and drops what it returns later`, async () => {
+    // A handler that serves its WebSocket until it closes must not keep the
+    // request loop (and its buffers) alive for as long (issue 7, S6).
+    const release = Promise.withResolvers<void>();
+    const completed = Promise.withResolvers<void>();
+    let bodyCancelled = false;
+    const server = start(async (req, info) => {
+      const taken = takeConnection(req)!;
+      info.completed.then(completed.resolve);
+      await release.promise;
+      taken.conn.close();
+      const body = new ReadableStream({
+        cancel() {
+          bodyCancelled = true;
+        },
+      });
+      return new Response(body);
     });
-    return new Response(body);
+    const client = await RawClient.connect(server.addr.port);
+    await client.send(GET("/", headers));
+    const timer = setTimeout(
+      () => completed.reject(new Error("completed waited for the handler")),
+      5_000,
+    );
+    await completed.promise; // while the handler still waits
+    clearTimeout(timer);
+    release.resolve();
+    assert.ok(await client.closedByServer(), "nothing but the close");
+    client.close();
+    await server.shutdown();
+    assert.ok(bodyCancelled);
   });
-  const client = await RawClient.connect(server.addr.port);
-  await client.send(GET("/", "Upgrade: x\r\nConnection: upgrade\r\n"));
-  const timer = setTimeout(
-    () => completed.reject(new Error("completed waited for the handler")),
-    5_000,
-  );
-  await completed.promise; // while the handler still waits
-  clearTimeout(timer);
-  release.resolve();
-  assert.ok(await client.closedByServer(), "nothing but the close");
-  client.close();
-  await server.shutdown();
-  assert.ok(bodyCancelled);
-});
+}
 
 Deno.test("takeConnection() is refused once the handler has answered", async () => {
   let request!: Request;
