@@ -77,3 +77,25 @@ export class Deadline {
     );
   }
 }
+
+/**
+ * Milliseconds since the epoch of a deadline given as a `Date`, 0 for `null`
+ * (none).
+ *
+ * @throws {TypeError} `time` is neither a valid `Date` nor `null`.
+ */
+export function deadlineTime(time: Date | null, action: string): number {
+  if (time === null) return 0;
+  if (!(time instanceof Date) || Number.isNaN(time.getTime())) {
+    throw new TypeError(`Cannot ${action}: expected a valid Date or null`);
+  }
+  return Math.max(time.getTime(), 1);
+}
+
+/** Whether `error` is the reason `signal` aborted with. */
+export function isAbort(
+  error: unknown,
+  signal: AbortSignal | undefined,
+): boolean {
+  return signal !== undefined && signal.aborted && error === signal.reason;
+}

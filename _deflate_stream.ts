@@ -1,7 +1,8 @@
 // The permessage-deflate engine (RFC 7692 section 7.2): compresses one message
 // with a fresh CompressionStream and inflates received messages through a
 // DecompressionStream, bounding the inflated size. Negotiation lives in
-// deflate.ts; Conn only calls what this file exports.
+// deflate.ts. It also keeps a connection's inflater alive only while messages
+// flow, and compresses the fragments of a streamed message.
 //
 // Deno behaviours this relies on (pinned in tests/deflate_test.ts):
 // - CompressionStream("deflate-raw") sync-flushes after every write(), so the
@@ -15,6 +16,7 @@
 //   and with "corrupt deflate stream" on invalid data.
 
 import type { DeflateParameters } from "./deflate.ts";
+import { CLOSE_CODE, ProtocolError } from "./frame.ts";
 
 /**
  * Messages shorter than this many bytes are sent uncompressed by default.
@@ -472,5 +474,156 @@ export class MessageInflater {
     const chunk = this.#ended ? undefined : await this.#pushTrailer(SENTINEL);
     if (this.#ended) return this.#endMessage();
     this.#finish(chunk, limit, out);
+  }
+}
+
+/**
+ * Compressed payloads of messages written to many connections, made on first
+ * use: with no context takeover a message compresses the same on every
+ * connection, as gorilla's prepared frames do.
+ */
+const compressedPayloads = new WeakMap<
+  { readonly data: Uint8Array },
+  Promise<Uint8Array | undefined>
+>();
+
+/** The compressed payload of a prepared message, shared by its writes. */
+export function compressedPayloadOf(
+  message: { readonly data: Uint8Array },
+): Promise<Uint8Array | undefined> {
+  let compressed = compressedPayloads.get(message);
+  if (compressed === undefined) {
+    // compressMessage() never rejects: a failure resolves to undefined.
+    compressed = compressMessage(message.data);
+    compressedPayloads.set(message, compressed);
+  }
+  return compressed;
+}
+
+/**
+ * Compresses one message sent in fragments (RFC 7692 section 6.1): every
+ * fragment carries the compressed bytes of its piece, RSV1 on the first.
+ */
+export class FragmentCompressor {
+  /** Compress once the message reaches this size. */
+  readonly #threshold: number;
+  #deflater: MessageDeflater | undefined;
+  #started = false;
+
+  /** @param threshold Messages ending below it go out uncompressed. */
+  constructor(threshold: number) {
+    this.#threshold = threshold;
+  }
+
+  /**
+   * Compresses the next fragment. Resolves undefined when it goes out
+   * uncompressed, which only the first one can: a message that ends within
+   * it below the threshold, or a compressor failure before anything is sent.
+   *
+   * @throws {ProtocolError} A later fragment failed after RSV1 went out
+   * (1011): the message cannot be finished.
+   */
+  async compress(
+    payload: Uint8Array,
+    fin: boolean,
+  ): Promise<Uint8Array | undefined> {
+    const first = !this.#started;
+    this.#started = true;
+    if (first && fin && payload.length < this.#threshold) return undefined;
+    // Past the first fragment without a deflater: the message is plain.
+    if (!first && this.#deflater === undefined) return undefined;
+    this.#deflater ??= new MessageDeflater();
+    const compressed = await this.#deflater.write(payload);
+    if (compressed === undefined) {
+      this.close();
+      if (first) return undefined;
+      throw new ProtocolError(
+        "Cannot write message fragment: the compressor's output was malformed",
+        CLOSE_CODE.InternalServerErr,
+      );
+    }
+    if (fin) this.close();
+    return compressed;
+  }
+
+  /** Frees the compressor (the message is done or abandoned). */
+  close(): void {
+    this.#deflater?.close();
+    this.#deflater = undefined;
+  }
+}
+
+/** Milliseconds between sweeps that free the inflaters of idle connections. */
+const INFLATER_SWEEP_INTERVAL = 1000;
+/** Connections holding an inflater, checked by the shared sweep. */
+const inflaterSlots = new Set<InflaterSlot>();
+let sweepTick = 0;
+let sweepTimer: ReturnType<typeof setInterval> | undefined;
+
+/**
+ * Frees the inflater of every connection that has not inflated anything
+ * since the previous sweep (idle for one to two intervals).
+ */
+function sweepInflaters(): void {
+  sweepTick++;
+  for (const slot of inflaterSlots) {
+    if (!slot.busy && sweepTick - slot.used >= 2) slot.release();
+  }
+}
+
+/**
+ * A connection's {@linkcode MessageInflater}, kept while messages flow and
+ * freed once the connection idles. Keeping it saves ~13 us per message (a
+ * fresh DecompressionStream; measured 10 us reused vs 23-25 us fresh for a
+ * 2 KiB JSON message), while an idle connection should not hold the ~58 KiB
+ * of inflate state. One shared interval timer (unref'd, and only while some
+ * connection holds an inflater) frees what has been unused for over a
+ * second; a connection frees its own when it closes.
+ */
+export class InflaterSlot {
+  #inflater: MessageInflater | undefined;
+  /** The sweep tick of the last use. */
+  used = 0;
+  /** A message is part-way through the inflater: it must not be freed. */
+  busy = false;
+
+  /** Inflates a piece of the current message (see MessageInflater). */
+  async inflate(
+    piece: Uint8Array,
+    final: boolean,
+    limit: number,
+  ): Promise<Uint8Array[]> {
+    if (this.#inflater === undefined) {
+      this.#inflater = new MessageInflater();
+      inflaterSlots.add(this);
+      if (sweepTimer === undefined) {
+        sweepTimer = setInterval(sweepInflaters, INFLATER_SWEEP_INTERVAL);
+        Deno.unrefTimer(sweepTimer);
+      }
+    }
+    this.used = sweepTick;
+    this.busy = true;
+    try {
+      const chunks = await this.#inflater.inflate(piece, { final, limit });
+      this.busy = !final;
+      return chunks;
+    } catch (error) {
+      // The inflater closed itself; the next message starts a new one.
+      this.busy = false;
+      throw error;
+    }
+  }
+
+  /** Frees the inflater (a later message creates a new one). */
+  release(): void {
+    if (this.#inflater === undefined) return;
+    this.#inflater.close();
+    this.#inflater = undefined;
+    this.busy = false;
+    inflaterSlots.delete(this);
+    if (inflaterSlots.size === 0 && sweepTimer !== undefined) {
+      clearInterval(sweepTimer);
+      sweepTimer = undefined;
+    }
   }
 }

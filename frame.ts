@@ -5,7 +5,7 @@
  *
  * @example Encode a masked text frame and parse it back
  * ```ts title="Round trip of a frame header"
- * import { encodeHeader, mask, OPCODE, parseHeader } from "./frame.ts";
+ * import { encodeHeader, mask, OPCODE, parseHeader } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const payload = new TextEncoder().encode("hi");
@@ -39,7 +39,7 @@ import { Utf8Validator } from "./_utf8.ts";
  *
  * @example Read the opcode of a frame
  * ```ts title="Opcodes"
- * import { OPCODE, parseHeader } from "./frame.ts";
+ * import { OPCODE, parseHeader } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * assert.equal(parseHeader(new Uint8Array([0x89, 0x00]))!.opcode, OPCODE.Ping);
@@ -63,7 +63,7 @@ export type Opcode = typeof OPCODE[keyof typeof OPCODE];
  *
  * @example Message types match opcodes
  * ```ts title="Message types"
- * import { MESSAGE_TYPE, OPCODE } from "./frame.ts";
+ * import { MESSAGE_TYPE, OPCODE } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * assert.equal(MESSAGE_TYPE.Text, OPCODE.Text);
@@ -102,7 +102,7 @@ export type ControlMessageType =
  *
  * @example Close with "going away"
  * ```ts title="Close codes"
- * import { CLOSE_CODE, formatCloseMessage } from "./frame.ts";
+ * import { CLOSE_CODE, formatCloseMessage } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const payload = formatCloseMessage(CLOSE_CODE.GoingAway, "restart");
@@ -141,7 +141,7 @@ export const MAX_HEADER_LENGTH = 14;
  *
  * @example Inspect the close code of a protocol error
  * ```ts title="A protocol error carries its close code"
- * import { parseClosePayload, ProtocolError } from "./frame.ts";
+ * import { parseClosePayload, ProtocolError } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * assert.throws(
@@ -166,6 +166,190 @@ export class ProtocolError extends Error {
     this.name = "ProtocolError";
     this.code = code;
   }
+}
+
+/**
+ * The peer sent a close frame (or the connection died: code 1006,
+ * abnormal closure, which never appears on the wire).
+ *
+ * @example Recognise a close
+ * ```ts title="A CloseError carries the code and reason"
+ * import { CloseError, isCloseError } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * const error = new CloseError(1001, "going away");
+ * assert.equal(error.code, 1001);
+ * assert.equal(error.text, "going away");
+ * assert.equal(isCloseError(error, 1000, 1001), true);
+ * ```
+ */
+export class CloseError extends Error {
+  /** The close code. */
+  readonly code: number;
+  /** The close reason. */
+  readonly text: string;
+
+  /**
+   * Creates a close error.
+   *
+   * @param code The close code.
+   * @param text The close reason.
+   * @param options The error's `cause`.
+   */
+  constructor(code: number, text = "", options?: ErrorOptions) {
+    super(`Connection closed: ${code}${text ? ` ${text}` : ""}`, options);
+    this.name = "CloseError";
+    this.code = code;
+    this.text = text;
+  }
+}
+
+/**
+ * A data or close frame was written after a close frame was already sent
+ * (gorilla's `ErrCloseSent`).
+ *
+ * @example Writing after closing
+ * ```ts title="Writes after a close frame reject"
+ * import { CloseSentError, Conn, MESSAGE_TYPE } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const conn = new Conn(socket, { role: "server" });
+ * await conn.writeControl(MESSAGE_TYPE.Close, new Uint8Array([3, 232]));
+ * await assert.rejects(conn.writeMessage(MESSAGE_TYPE.Text, "late"), CloseSentError);
+ * conn.close();
+ * peer.close();
+ * ```
+ */
+export class CloseSentError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What was attempted.
+   */
+  constructor(message = "Cannot write: a close frame was already sent") {
+    super(message);
+    this.name = "CloseSentError";
+  }
+}
+
+/**
+ * A message exceeded the read limit; the connection was failed with close
+ * code 1009 (gorilla's `ErrReadLimit`). For a compressed message the limit
+ * bounds its inflated size.
+ *
+ * @example The error carries code 1009
+ * ```ts title="A read limit error"
+ * import { ReadLimitError } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * const error = new ReadLimitError(10);
+ * assert.equal(error.code, 1009);
+ * assert.equal(error.limit, 10);
+ * ```
+ */
+export class ReadLimitError extends ProtocolError {
+  /** The limit that was exceeded, in bytes. */
+  readonly limit: number;
+
+  /**
+   * Creates the error.
+   *
+   * @param limit The read limit in bytes.
+   * @param options The underlying cause, if any.
+   */
+  constructor(limit: number, options?: ErrorOptions) {
+    super(
+      `Cannot read message: it exceeds the read limit of ${limit} bytes`,
+      CLOSE_CODE.MessageTooBig,
+      options,
+    );
+    this.name = "ReadLimitError";
+    this.limit = limit;
+  }
+}
+
+/**
+ * The connection was closed locally with {@linkcode Conn.close} while a read
+ * or write was pending, or used after it.
+ *
+ * @example Reading after close()
+ * ```ts title="Reads after close() reject"
+ * import { Conn, ConnectionClosedError } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const [socket, peer] = await Promise.all([
+ *   listener.accept(),
+ *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+ * ]);
+ * const conn = new Conn(socket, { role: "server" });
+ * conn.close();
+ * await assert.rejects(conn.readMessage(), ConnectionClosedError);
+ * peer.close();
+ * ```
+ */
+export class ConnectionClosedError extends Error {
+  /**
+   * Creates the error.
+   *
+   * @param message What was attempted.
+   * @param options The error's `cause`.
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ConnectionClosedError";
+  }
+}
+
+/**
+ * Whether `error` is a {@linkcode CloseError} with one of `codes` (any code
+ * when none are given, where gorilla's `IsCloseError` would say false).
+ *
+ * @param error Anything caught.
+ * @param codes Close codes to accept.
+ * @returns True for a matching close error.
+ *
+ * @example Checking for a normal closure
+ * ```ts title="isCloseError"
+ * import { CloseError, isCloseError } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(isCloseError(new CloseError(1000), 1000, 1001), true);
+ * assert.equal(isCloseError(new Error("boom")), false);
+ * ```
+ */
+export function isCloseError(error: unknown, ...codes: number[]): boolean {
+  return error instanceof CloseError &&
+    (codes.length === 0 || codes.includes(error.code));
+}
+
+/**
+ * Whether `error` is a {@linkcode CloseError} whose code is not one of
+ * `expectedCodes`.
+ *
+ * @param error Anything caught.
+ * @param expectedCodes Close codes that are expected.
+ * @returns True for a close error with another code.
+ *
+ * @example Spotting an abnormal closure
+ * ```ts title="isUnexpectedCloseError"
+ * import { CloseError, isUnexpectedCloseError } from "@denows/websocket";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(isUnexpectedCloseError(new CloseError(1006), 1000, 1001), true);
+ * assert.equal(isUnexpectedCloseError(new CloseError(1001), 1000, 1001), false);
+ * ```
+ */
+export function isUnexpectedCloseError(
+  error: unknown,
+  ...expectedCodes: number[]
+): boolean {
+  return error instanceof CloseError && !expectedCodes.includes(error.code);
 }
 
 /** A parsed frame header (RFC 6455 section 5.2). */
@@ -217,7 +401,7 @@ export interface FrameHeaderInit {
  *
  * @example Header lengths at the size boundaries
  * ```ts title="7-, 16- and 64-bit lengths"
- * import { headerLength } from "./frame.ts";
+ * import { headerLength } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * assert.equal(headerLength(125, false), 2);
@@ -243,7 +427,7 @@ export function headerLength(length: number, masked: boolean): number {
  *
  * @example Parse an unmasked binary frame header
  * ```ts title="Parsing a header"
- * import { parseHeader } from "./frame.ts";
+ * import { parseHeader } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const header = parseHeader(new Uint8Array([0x82, 0x7e, 0x01, 0x00]))!;
@@ -333,7 +517,7 @@ export function parseHeader(
  *
  * @example Encode a 16-bit length header
  * ```ts title="Encoding a header"
- * import { encodeHeader, OPCODE } from "./frame.ts";
+ * import { encodeHeader, OPCODE } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const target = new Uint8Array(4);
@@ -395,7 +579,7 @@ export function encodeHeader(
  *
  * @example Write a final text frame header
  * ```ts title="Unchecked header encoding"
- * import { writeHeader } from "./frame.ts";
+ * import { writeHeader } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const target = new Uint8Array(2);
@@ -458,7 +642,7 @@ export function writeHeader(
  *
  * @example Unmask a payload in two pieces
  * ```ts title="Resumable masking"
- * import { mask } from "./frame.ts";
+ * import { mask } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const key = new Uint8Array([0x37, 0xfa, 0x21, 0x3d]);
@@ -487,7 +671,7 @@ export function mask(data: Uint8Array, key: Uint8Array, offset = 0): number {
  *
  * @example Codes that may and may not be sent
  * ```ts title="Checking close codes"
- * import { isValidCloseCode } from "./frame.ts";
+ * import { isValidCloseCode } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * assert.equal(isValidCloseCode(1000), true);
@@ -516,7 +700,7 @@ const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
  *
  * @example Build a normal closure payload
  * ```ts title="A close payload"
- * import { CLOSE_CODE, formatCloseMessage } from "./frame.ts";
+ * import { CLOSE_CODE, formatCloseMessage } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const payload = formatCloseMessage(CLOSE_CODE.NormalClosure, "bye");
@@ -562,7 +746,7 @@ export interface ClosePayload {
  *
  * @example Parse a close payload
  * ```ts title="Parsing a close payload"
- * import { parseClosePayload } from "./frame.ts";
+ * import { parseClosePayload } from "@denows/websocket";
  * import assert from "node:assert/strict";
  *
  * const { code, reason } = parseClosePayload(new Uint8Array([0x03, 0xe9, 0x68]));
