@@ -45,7 +45,7 @@ import {
   type ProtocolError,
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
-import type { DeflateParameters } from "./deflate.ts";
+import type { DeflateParameters } from "@denows/websocket";
 import {
   canCompress,
   DEFAULT_COMPRESSION_THRESHOLD,
@@ -399,7 +399,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @example Checking what the handshake agreed
    * ```ts title="compression"
    * import { Conn } from "@denows/websocket";
-   * import { DEFLATE_OFFER, negotiateDeflate } from "./deflate.ts";
+   * import { DEFLATE_OFFER, negotiateDeflate } from "@denows/websocket";
    * import assert from "node:assert/strict";
    *
    * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
@@ -936,7 +936,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @example Sending one message uncompressed
    * ```ts title="enableWriteCompression"
    * import { Conn, MESSAGE_TYPE } from "@denows/websocket";
-   * import { DEFLATE_OFFER, negotiateDeflate } from "./deflate.ts";
+   * import { DEFLATE_OFFER, negotiateDeflate } from "@denows/websocket";
    * import assert from "node:assert/strict";
    *
    * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });

@@ -23,7 +23,7 @@
  * @example Negotiating on both sides
  * ```ts title="A server and a client agree on permessage-deflate"
  * import assert from "node:assert/strict";
- * import { acceptDeflateResponse, DEFLATE_OFFER, negotiateDeflate } from "./deflate.ts";
+ * import { acceptDeflateResponse, DEFLATE_OFFER, negotiateDeflate } from "@denows/websocket";
  *
  * // The client sends DEFLATE_OFFER in Sec-WebSocket-Extensions...
  * const negotiated = negotiateDeflate(DEFLATE_OFFER);
@@ -47,7 +47,7 @@ const EXTENSION_NAME = "permessage-deflate";
  * @example Offering compression in a handshake request
  * ```ts title="The offer in a request's headers"
  * import assert from "node:assert/strict";
- * import { DEFLATE_OFFER } from "./deflate.ts";
+ * import { DEFLATE_OFFER } from "@denows/websocket";
  *
  * const headers = new Headers({ "Sec-WebSocket-Extensions": DEFLATE_OFFER });
  * assert.match(headers.get("sec-websocket-extensions")!, /^permessage-deflate;/);
@@ -63,7 +63,7 @@ export const DEFLATE_OFFER =
  * @example Parameters of a peer that limits the server's window
  * ```ts title="server_max_window_bits=10 is honoured by not compressing"
  * import assert from "node:assert/strict";
- * import { type DeflateParameters, negotiateDeflate } from "./deflate.ts";
+ * import { type DeflateParameters, negotiateDeflate } from "@denows/websocket";
  *
  * const parameters: DeflateParameters | undefined = negotiateDeflate(
  *   "permessage-deflate; server_max_window_bits=10",
@@ -95,7 +95,7 @@ export interface DeflateParameters {
  * @example Writing the answer into the 101 response
  * ```ts title="The header goes into Sec-WebSocket-Extensions"
  * import assert from "node:assert/strict";
- * import { type DeflateNegotiation, negotiateDeflate } from "./deflate.ts";
+ * import { type DeflateNegotiation, negotiateDeflate } from "@denows/websocket";
  *
  * const negotiation: DeflateNegotiation | undefined = negotiateDeflate(
  *   "permessage-deflate",
@@ -120,7 +120,7 @@ export interface DeflateNegotiation {
  * @example Telling a refused answer apart
  * ```ts title="Catching the error"
  * import assert from "node:assert/strict";
- * import { acceptDeflateResponse, ExtensionNegotiationError } from "./deflate.ts";
+ * import { acceptDeflateResponse, ExtensionNegotiationError } from "@denows/websocket";
  *
  * try {
  *   acceptDeflateResponse("x-unknown-extension");
@@ -164,7 +164,7 @@ export class ExtensionNegotiationError extends Error {
  * @example Accepting a browser's offer
  * ```ts title="The first acceptable offer wins"
  * import assert from "node:assert/strict";
- * import { negotiateDeflate } from "./deflate.ts";
+ * import { negotiateDeflate } from "@denows/websocket";
  *
  * const result = negotiateDeflate(
  *   "permessage-deflate; client_max_window_bits, x-webkit-deflate-frame",
@@ -223,7 +223,7 @@ export function negotiateDeflate(
  * @example Validating an answer
  * ```ts title="Good and bad answers"
  * import assert from "node:assert/strict";
- * import { acceptDeflateResponse, ExtensionNegotiationError } from "./deflate.ts";
+ * import { acceptDeflateResponse, ExtensionNegotiationError } from "@denows/websocket";
  *
  * const parameters = acceptDeflateResponse(
  *   "permessage-deflate; server_no_context_takeover; client_no_context_takeover",

@@ -1,4 +1,4 @@
-// Backpressure (issue 8): a peer that stops reading makes our writes wait,
+// Backpressure: a peer that stops reading makes our writes wait,
 // bounded by the write deadline; nothing queues without limit; a slow
 // consumer cannot grow an echo server's memory, and gets every byte.
 

@@ -1,4 +1,4 @@
-// Closing in every order (issue 8), over real loopback sockets so that
+// Closing in every order, over real loopback sockets so that
 // Deno's resource sanitizer proves each case leaves nothing open: both sides
 // closing at once, a close in the middle of a fragmented message, a close
 // while a streaming writer is open, the peer vanishing without a close, and

@@ -1,4 +1,4 @@
-// The hot-path shortcuts of issue 7 keep every frame intact: a large
+// The hot-path shortcuts keep every frame intact: a large
 // payload read by readMessage() carries free room for its echo's header, so
 // writing it back costs one transport write; every other use of such a
 // payload (written twice, on another connection, as another type, a part of

@@ -1,4 +1,4 @@
-// Fuzzing the read path (issue 8): seeded random sequences of legal and
+// Fuzzing the read path: seeded random sequences of legal and
 // illegal frames, delivered to a Conn at random split points, in both roles.
 //
 // Every case is judged by a reference reader written here from RFC 6455
