@@ -10,6 +10,7 @@ import {
   CloseError,
   type DataMessageType,
   type FrameHeader,
+  isCloseError,
   MAX_CONTROL_PAYLOAD,
   MAX_HEADER_LENGTH,
   MESSAGE_TYPE,
@@ -966,6 +967,44 @@ function invalidUtf8(): ProtocolError {
     "Invalid text message: the payload is not valid UTF-8",
     CLOSE_CODE.InvalidFramePayloadData,
   );
+}
+
+/** Settles an iteration step from a read message. */
+function nextResult(value: Message): IteratorResult<Message> {
+  return { value, done: false };
+}
+
+/** Ends the iteration on a normal close; anything else is thrown. */
+function endOnNormalClose(error: unknown): IteratorResult<Message> {
+  if (
+    isCloseError(
+      error,
+      CLOSE_CODE.NormalClosure,
+      CLOSE_CODE.GoingAway,
+      CLOSE_CODE.NoStatusReceived,
+    )
+  ) return { value: undefined, done: true };
+  throw error;
+}
+
+/**
+ * The iterator behind `for await (const message of conn)`: a plain object
+ * rather than an async generator, which would keep a suspended frame per
+ * idle connection.
+ */
+export class MessageIterator implements AsyncIterator<Message> {
+  #reader: Reader;
+
+  constructor(reader: Reader) {
+    this.#reader = reader;
+  }
+
+  next(): Promise<IteratorResult<Message>> {
+    return this.#reader.readMessage(undefined).then(
+      nextResult,
+      endOnNormalClose,
+    );
+  }
 }
 
 /**

@@ -36,7 +36,6 @@ import {
   ConnectionClosedError,
   type DataMessageType,
   formatCloseMessage,
-  isCloseError,
   isValidCloseCode,
   MAX_CONTROL_PAYLOAD,
   MESSAGE_TYPE,
@@ -45,13 +44,14 @@ import {
   type ProtocolError,
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
-import type { DeflateParameters } from "@denows/websocket";
+import type { DeflateParameters } from "./deflate.ts";
 import {
   canCompress,
   DEFAULT_COMPRESSION_THRESHOLD,
 } from "./_deflate_stream.ts";
 import {
   type Message,
+  MessageIterator,
   type NextReaderResult,
   Reader,
   type ReaderHooks,
@@ -556,7 +556,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @returns An async iterator of messages.
    */
   [Symbol.asyncIterator](): AsyncIterator<Message> {
-    return new MessageIterator(this);
+    return new MessageIterator(this.#reader);
   }
 
   /**
@@ -1224,40 +1224,5 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       this.close();
     };
     written.then(finish, finish);
-  }
-}
-
-/** Settles an iteration step from a read message. */
-function nextResult(value: Message): IteratorResult<Message> {
-  return { value, done: false };
-}
-
-/** Ends the iteration on a normal close; anything else is thrown. */
-function endOnNormalClose(error: unknown): IteratorResult<Message> {
-  if (
-    isCloseError(
-      error,
-      CLOSE_CODE.NormalClosure,
-      CLOSE_CODE.GoingAway,
-      CLOSE_CODE.NoStatusReceived,
-    )
-  ) return { value: undefined, done: true };
-  throw error;
-}
-
-/**
- * The iterator behind `for await (const message of conn)`: a plain object
- * rather than an async generator, which would keep a suspended frame per
- * idle connection.
- */
-class MessageIterator implements AsyncIterator<Message> {
-  #conn: Conn;
-
-  constructor(conn: Conn) {
-    this.#conn = conn;
-  }
-
-  next(): Promise<IteratorResult<Message>> {
-    return this.#conn.readMessage().then(nextResult, endOnNormalClose);
   }
 }
