@@ -124,21 +124,12 @@ const INFLATE_PIECE = 64 * 1024;
 const wholeMessageUtf8 = new Utf8Validator();
 
 /**
- * The one header object every connection parses into. It is only read
- * synchronously after a parse (never across an await), so sharing it keeps
- * a per-connection object and key array off every idle connection.
+ * The one header object every connection parses into (made by parsing an
+ * empty frame). It is only read synchronously after a parse (never across
+ * an await), so sharing it keeps a per-connection object and key array off
+ * every idle connection.
  */
-const header: FrameHeader = {
-  fin: false,
-  rsv1: false,
-  rsv2: false,
-  rsv3: false,
-  opcode: 0,
-  masked: false,
-  length: 0,
-  maskKey: new Uint8Array(4),
-  headerLength: 0,
-};
+const header: FrameHeader = parseHeader(new Uint8Array([0x82, 0]), 0)!;
 
 /** The read view of a connection with nothing buffered. */
 const EMPTY = new Uint8Array(0);

@@ -43,7 +43,7 @@ import {
   OPCODE,
   type ProtocolError,
 } from "./frame.ts";
-import { deadlineTime } from "./_deadline.ts";
+import { Deadline, deadlineTime } from "./_deadline.ts";
 import type { DeflateParameters } from "./deflate.ts";
 import {
   canCompress,
@@ -1167,26 +1167,39 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     );
   }
 
+  /** The closing handshake, cut short by closing the transport at `timeout`. */
   async #closeGracefully(
     payload: Uint8Array,
     timeout: number,
     afterCurrentMessage: boolean,
   ): Promise<void> {
-    const timer = setTimeout(() => this.close(), timeout);
+    const deadline = new Deadline("close gracefully");
+    deadline.set(Date.now() + timeout);
     try {
-      const reader = this.#reader;
-      if (afterCurrentMessage && reader.handling && !this.#closed) {
-        await reader.nextReadBegun();
-      }
-      if (!this.#closed && this.#writer.canReply) {
-        await this.writeControl(MESSAGE_TYPE.Close, payload).catch(noop);
-      }
-      while (!this.#closed && reader.error === undefined) {
-        await (reader.reading ? reader.idle() : reader.drain());
-      }
+      await deadline.bound(
+        this.#closingHandshake(payload, afterCurrentMessage),
+      );
+    } catch {
+      // Timed out: closing the transport ends the handshake's waits too.
     } finally {
-      clearTimeout(timer);
       this.close();
+    }
+  }
+
+  /** Sends our close frame, then reads until the peer's arrives. Never rejects. */
+  async #closingHandshake(
+    payload: Uint8Array,
+    afterCurrentMessage: boolean,
+  ): Promise<void> {
+    const reader = this.#reader;
+    if (afterCurrentMessage && reader.handling && !this.#closed) {
+      await reader.nextReadBegun();
+    }
+    if (!this.#closed && this.#writer.canReply) {
+      await this.writeControl(MESSAGE_TYPE.Close, payload).catch(noop);
+    }
+    while (!this.#closed && reader.error === undefined) {
+      await (reader.reading ? reader.idle() : reader.drain());
     }
   }
 
@@ -1218,11 +1231,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
   /** Closes the transport once `written` settles, or after FAIL_CLOSE_TIMEOUT. */
   #closeWhen(written: Promise<void>): void {
-    const timer = setTimeout(() => this.close(), FAIL_CLOSE_TIMEOUT);
-    const finish = () => {
-      clearTimeout(timer);
-      this.close();
-    };
-    written.then(finish, finish);
+    const deadline = new Deadline("write close frame");
+    deadline.set(Date.now() + FAIL_CLOSE_TIMEOUT);
+    const close = () => this.close();
+    deadline.bound(written).then(close, close);
   }
 }
