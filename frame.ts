@@ -1,7 +1,9 @@
 /**
  * The RFC 6455 frame codec: opcodes, message types, close codes, frame
- * headers, masking and close payloads. It does no I/O and decides nothing
- * about what is legal on a connection; {@linkcode Conn} does that.
+ * headers, masking and close payloads, and the errors a connection ends
+ * with ({@linkcode CloseError}, {@linkcode ProtocolError} and the rest). It
+ * does no I/O and decides nothing about what is legal on a connection; a
+ * `Conn` does that.
  *
  * @example Encode a masked text frame and parse it back
  * ```ts title="Round trip of a frame header"
@@ -274,7 +276,7 @@ export class ReadLimitError extends ProtocolError {
 }
 
 /**
- * The connection was closed locally with {@linkcode Conn.close} while a read
+ * The connection was closed locally with `Conn.close()` while a read
  * or write was pending, or used after it.
  *
  * @example Reading after close()
