@@ -777,33 +777,25 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     data: Uint8Array | string = new Uint8Array(0),
     options?: WriteControlOptions,
   ): Promise<void> {
-    if (!isControlType(type)) {
-      return Promise.reject(
-        new TypeError(
-          `Cannot write control frame: ${type} is not a control type`,
-        ),
-      );
-    }
     let bytes: Uint8Array;
+    let deadline = 0;
     try {
+      if (!isControlType(type)) {
+        throw new TypeError(
+          `Cannot write control frame: ${type} is not a control type`,
+        );
+      }
       bytes = toBytes(data, "write control frame");
+      if (bytes.length > MAX_CONTROL_PAYLOAD) {
+        throw new RangeError(
+          `Cannot write control frame: the payload is ${bytes.length} bytes, over 125`,
+        );
+      }
+      if (options?.deadline !== undefined) {
+        deadline = deadlineTime(options.deadline, "write control frame");
+      }
     } catch (error) {
       return Promise.reject(error);
-    }
-    if (bytes.length > MAX_CONTROL_PAYLOAD) {
-      return Promise.reject(
-        new RangeError(
-          `Cannot write control frame: the payload is ${bytes.length} bytes, over 125`,
-        ),
-      );
-    }
-    let deadline = 0;
-    if (options?.deadline !== undefined) {
-      try {
-        deadline = deadlineTime(options.deadline, "write control frame");
-      } catch (error) {
-        return Promise.reject(error);
-      }
     }
     const blocked = this.#writer.blocked("write control frame");
     if (blocked !== undefined) return Promise.reject(blocked);
@@ -1175,15 +1167,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   ): Promise<void> {
     const deadline = new Deadline("close gracefully");
     deadline.set(Date.now() + timeout);
-    try {
-      await deadline.bound(
-        this.#closingHandshake(payload, afterCurrentMessage),
-      );
-    } catch {
-      // Timed out: closing the transport ends the handshake's waits too.
-    } finally {
-      this.close();
-    }
+    // On time or not, closing the transport ends the handshake's waits.
+    await deadline.bound(this.#closingHandshake(payload, afterCurrentMessage))
+      .catch(noop);
+    this.close();
   }
 
   /** Sends our close frame, then reads until the peer's arrives. Never rejects. */
