@@ -291,6 +291,7 @@ export interface WriterOptions {
   client: boolean;
   /** Size of a coalescing buffer, and of a streamed message's fragments. */
   bufferSize: number;
+  /** Where write buffers come from; undefined: a pool shared by size. */
   pool: BufferPool | undefined;
   /** Compress data messages from this size; -1: never (not negotiated). */
   compressionThreshold: number;
@@ -359,6 +360,11 @@ export class Writer {
   /** Whether a reply (pong, close echo) may still be written. */
   get canReply(): boolean {
     return !this.#closeSent && this.#error === undefined;
+  }
+
+  /** Size of a fragment of a streamed message. */
+  get fragmentSize(): number {
+    return this.#bufferSize;
   }
 
   /** Why a write must be refused now, or undefined. */
@@ -453,11 +459,6 @@ export class Writer {
   #compressing(length: number): boolean {
     return this.#threshold >= 0 && this.compressWrites &&
       length >= this.#threshold;
-  }
-
-  /** Size of a fragment of a streamed message. */
-  get fragmentSize(): number {
-    return this.#bufferSize;
   }
 
   /**
