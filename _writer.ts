@@ -1,8 +1,8 @@
 // The write side of a Conn: frames are encoded into coalescing buffers and
 // written in batches, in order, with backpressure; data messages keep their
 // order behind streamed ones (nextWriter) and behind compression. It never
-// looks at read state: its one hook, `fail`, hands a protocol error found
-// while writing to the closing logic.
+// looks at read state: its one hook (WriterHooks.fail) hands a protocol
+// error found while writing to the closing logic.
 
 import {
   CLOSE_CODE,
@@ -295,7 +295,11 @@ export interface WriterOptions {
   pool: BufferPool | undefined;
   /** Compress data messages from this size; -1: never (not negotiated). */
   compressionThreshold: number;
-  /** Fails the connection: sends the error's close code, then closes. */
+}
+
+/** What the writer asks of the rest of the connection. */
+export interface WriterHooks {
+  /** Fail the connection: send the error's close code, then close. */
   fail(error: ProtocolError): void;
 }
 
@@ -306,8 +310,7 @@ export class Writer {
   readonly #bufferSize: number;
   readonly #pool: BufferPool | undefined;
   readonly #threshold: number;
-  /** The fail hook (see {@linkcode WriterOptions.fail}). */
-  readonly fail: (error: ProtocolError) => void;
+  readonly #hooks: WriterHooks;
   /** Written messages are compressed when the extension allows it. */
   compressWrites = true;
   /**
@@ -338,13 +341,17 @@ export class Writer {
   #maskKey: Uint8Array | undefined;
   #uncorkTimer: ReturnType<typeof setTimeout> | undefined;
 
-  constructor(transport: WriteTransport, options: WriterOptions) {
+  constructor(
+    transport: WriteTransport,
+    options: WriterOptions,
+    hooks: WriterHooks,
+  ) {
     this.#transport = transport;
+    this.#hooks = hooks;
     this.#client = options.client;
     this.#bufferSize = options.bufferSize;
     this.#pool = options.pool;
     this.#threshold = options.compressionThreshold;
-    this.fail = options.fail;
   }
 
   /** Why the write side failed for good, or undefined. */
@@ -376,6 +383,11 @@ export class Writer {
       );
     }
     return undefined;
+  }
+
+  /** Fails the connection with a protocol error found while writing. */
+  fail(error: ProtocolError): void {
+    this.#hooks.fail(error);
   }
 
   /** Moves the write deadline (0: none). */

@@ -43,7 +43,12 @@ import {
   OPCODE,
   type ProtocolError,
 } from "./frame.ts";
-import { Deadline, deadlineTime } from "./_deadline.ts";
+import { deadlineTime } from "./_deadline.ts";
+import {
+  closeAfterFlush,
+  closeGracefully,
+  failConnection,
+} from "./_closing.ts";
 import type { DeflateParameters } from "./deflate.ts";
 import {
   canCompress,
@@ -67,6 +72,7 @@ import {
   type WriteControlOptions,
   type WriteOptions,
   Writer,
+  type WriterHooks,
 } from "./_writer.ts";
 
 export {
@@ -219,7 +225,6 @@ export type CloseHandler = (
 /** Called with the payload of a received ping or pong frame. */
 export type ControlHandler = (data: Uint8Array) => void | Promise<void>;
 
-const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 const RESOLVED: Promise<void> = Promise.resolve();
 const noop = () => {};
@@ -228,17 +233,8 @@ const noop = () => {};
 const DEFAULT_BUFFER_SIZE = 4096;
 /** Largest frame that must fit the read buffer at once: a control frame. */
 const MAX_CONTROL_FRAME = 14 + MAX_CONTROL_PAYLOAD;
-/** How long a failing connection waits for its close frame to be written. */
-const FAIL_CLOSE_TIMEOUT = 1000;
-
-/** Truncates a close reason to 123 bytes without splitting a character. */
-function closeReason(text: string): string {
-  let reason = text;
-  while (encoder.encode(reason).length > MAX_CONTROL_PAYLOAD - 2) {
-    reason = reason.slice(0, -1);
-  }
-  return reason;
-}
+/** The hooks a Conn gives its reader and writer (made in Conn's static block). */
+let hooksOf: (conn: Conn) => ReaderHooks & WriterHooks;
 
 /**
  * A WebSocket connection: reads and writes messages over a
@@ -335,6 +331,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       true,
     );
     const client = options.role === "client";
+    const hooks = hooksOf(this);
     this.#subprotocol = options.subprotocol ?? "";
     this.#compression = compression;
     this.#reader = new Reader(transport, {
@@ -342,7 +339,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       bufferSize: Math.max(readBufferSize, MAX_CONTROL_FRAME),
       head: options.head,
       compression: compression !== undefined,
-    }, this.#readerHooks());
+    }, hooks);
     this.#writer = new Writer(transport, {
       client,
       bufferSize: Math.max(writeBufferSize, MAX_CONTROL_FRAME),
@@ -351,35 +348,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         compression !== undefined && canCompress(compression, options.role)
           ? threshold
           : -1,
-      fail: (error) => this.#failConnection(error),
-    });
-  }
-
-  /** How the reader reaches the handlers, the writer and the closing logic. */
-  #readerHooks(): ReaderHooks {
-    return {
-      control: (opcode, payload) => {
-        if (opcode === OPCODE.Pong) return this.#pongHandler?.(payload);
-        return this.#pingHandler
-          ? this.#pingHandler(payload)
-          : this.#defaultPingHandler(payload);
-      },
-      closeReceived: (code, reason) => {
-        // Both close frames have now crossed: RFC 6455 section 7.1.1 says to
-        // close the TCP connection. A close sent by the handler does the
-        // same from writeControl().
-        if (this.#writer.closeSent) this.#closeAfterFlush();
-        return this.#closeHandler
-          ? this.#closeHandler(code, reason)
-          : this.#defaultCloseHandler(code);
-      },
-      fail: (error) => this.#failConnection(error),
-      close: () => this.close(),
-      burst: (more) => {
-        this.#writer.burst = more;
-      },
-      uncork: () => this.#writer.uncork(),
-    };
+    }, hooks);
   }
 
   /** The subprotocol negotiated in the handshake, `""` when none. */
@@ -801,7 +770,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     if (blocked !== undefined) return Promise.reject(blocked);
     const written = this.#writer.writeControl(type, bytes, deadline);
     if (type === MESSAGE_TYPE.Close && this.#reader.closeReceived) {
-      this.#closeAfterFlush();
+      closeAfterFlush(this, this.#writer);
     }
     return written;
   }
@@ -1152,42 +1121,14 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       );
     }
     if (this.#closed) return RESOLVED;
-    return this.#closeGracefully(
+    return closeGracefully(
+      this,
+      this.#reader,
+      this.#writer,
       payload,
       timeout,
       options?.afterCurrentMessage ?? false,
     );
-  }
-
-  /** The closing handshake, cut short by closing the transport at `timeout`. */
-  async #closeGracefully(
-    payload: Uint8Array,
-    timeout: number,
-    afterCurrentMessage: boolean,
-  ): Promise<void> {
-    const deadline = new Deadline("close gracefully");
-    deadline.set(Date.now() + timeout);
-    // On time or not, closing the transport ends the handshake's waits.
-    await deadline.bound(this.#closingHandshake(payload, afterCurrentMessage))
-      .catch(noop);
-    this.close();
-  }
-
-  /** Sends our close frame, then reads until the peer's arrives. Never rejects. */
-  async #closingHandshake(
-    payload: Uint8Array,
-    afterCurrentMessage: boolean,
-  ): Promise<void> {
-    const reader = this.#reader;
-    if (afterCurrentMessage && reader.handling && !this.#closed) {
-      await reader.nextReadBegun();
-    }
-    if (!this.#closed && this.#writer.canReply) {
-      await this.writeControl(MESSAGE_TYPE.Close, payload).catch(noop);
-    }
-    while (!this.#closed && reader.error === undefined) {
-      await (reader.reading ? reader.idle() : reader.drain());
-    }
   }
 
   /**
@@ -1199,28 +1140,52 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     return this.closeGracefully();
   }
 
-  /** Sends the close frame for a protocol error, then closes (RFC 6455 section 7.1.7). */
-  #failConnection(error: ProtocolError): void {
-    if (!this.#writer.canReply) {
-      this.close();
-      return;
+  // The hooks are methods of one class rather than closures, so that every
+  // Conn holds one small object for them, not a function per hook (~300 B
+  // on each idle connection). Declared in here, it reaches private state.
+  static {
+    class Hooks implements ReaderHooks, WriterHooks {
+      readonly #conn: Conn;
+
+      constructor(conn: Conn) {
+        this.#conn = conn;
+      }
+
+      control(opcode: number, payload: Uint8Array) {
+        const conn = this.#conn;
+        if (opcode === OPCODE.Pong) return conn.#pongHandler?.(payload);
+        return conn.#pingHandler
+          ? conn.#pingHandler(payload)
+          : conn.#defaultPingHandler(payload);
+      }
+
+      closeReceived(code: number, reason: string) {
+        const conn = this.#conn;
+        // Both close frames have now crossed: RFC 6455 section 7.1.1 says to
+        // close the TCP connection. A close sent by the handler does the
+        // same from writeControl().
+        if (conn.#writer.closeSent) closeAfterFlush(conn, conn.#writer);
+        return conn.#closeHandler
+          ? conn.#closeHandler(code, reason)
+          : conn.#defaultCloseHandler(code);
+      }
+
+      fail(error: ProtocolError) {
+        failConnection(this.#conn, this.#conn.#writer, error);
+      }
+
+      close() {
+        this.#conn.close();
+      }
+
+      burst(more: boolean) {
+        this.#conn.#writer.burst = more;
+      }
+
+      uncork() {
+        this.#conn.#writer.uncork();
+      }
     }
-    const payload = formatCloseMessage(error.code, closeReason(error.message));
-    this.#closeWhen(this.#writer.writeControl(MESSAGE_TYPE.Close, payload, 0));
-  }
-
-  /** Closes the transport once every queued frame is written. */
-  #closeAfterFlush(): void {
-    const flushed = this.#writer.flushed();
-    if (flushed === undefined) this.close();
-    else this.#closeWhen(flushed);
-  }
-
-  /** Closes the transport once `written` settles, or after FAIL_CLOSE_TIMEOUT. */
-  #closeWhen(written: Promise<void>): void {
-    const deadline = new Deadline("write close frame");
-    deadline.set(Date.now() + FAIL_CLOSE_TIMEOUT);
-    const close = () => this.close();
-    deadline.bound(written).then(close, close);
+    hooksOf = (conn) => new Hooks(conn);
   }
 }
