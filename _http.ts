@@ -226,9 +226,7 @@ export function parseRequestHead(
       `Cannot parse the request line: it is longer than the limit of ${maxLine} bytes`,
     );
   }
-  const match =
-    /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) (HTTP\/\d\.\d)$/
-      .exec(line);
+  const match = REQUEST_LINE.exec(line);
   if (match === null) {
     throw new HttpError(
       400,
@@ -322,7 +320,16 @@ function splitLines(head: Uint8Array): string[] {
   return lines;
 }
 
-const FIELD_LINE = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[\t ]*(.*?)[\t ]*$/;
+const TCHAR = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]";
+/** RFC 9110 section 5.6.2 tchar: one character of a token. */
+export const TOKEN_CHAR = new RegExp(TCHAR);
+/** RFC 9110 section 5.6.2 token (methods, field names, subprotocols). */
+export const TOKEN = new RegExp(`^${TCHAR}+$`);
+// RFC 9112 section 3: method SP request-target SP HTTP-version.
+const REQUEST_LINE = new RegExp(
+  `^(${TCHAR}+) ([\\x21-\\x7e\\x80-\\xff]+) (HTTP/\\d\\.\\d)$`,
+);
+const FIELD_LINE = new RegExp(`^(${TCHAR}+):[\\t ]*(.*?)[\\t ]*$`);
 // Field values: visible characters, SP, HTAB and obs-text (RFC 9110 5.5).
 const FIELD_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
 
@@ -371,3 +378,40 @@ function quote(line: string): string {
   const short = line.length > 64 ? line.slice(0, 64) + "..." : line;
   return JSON.stringify(short);
 }
+
+/** Reason phrases for the statuses this server and most handlers send. */
+export const STATUS_TEXT: Readonly<Record<number, string>> = {
+  100: "Continue",
+  200: "OK",
+  201: "Created",
+  202: "Accepted",
+  204: "No Content",
+  206: "Partial Content",
+  301: "Moved Permanently",
+  302: "Found",
+  303: "See Other",
+  304: "Not Modified",
+  307: "Temporary Redirect",
+  308: "Permanent Redirect",
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  408: "Request Timeout",
+  409: "Conflict",
+  410: "Gone",
+  411: "Length Required",
+  413: "Content Too Large",
+  414: "URI Too Long",
+  415: "Unsupported Media Type",
+  426: "Upgrade Required",
+  429: "Too Many Requests",
+  431: "Request Header Fields Too Large",
+  500: "Internal Server Error",
+  501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+  505: "HTTP Version Not Supported",
+};

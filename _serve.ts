@@ -10,6 +10,7 @@
 // socket. Pipelined requests are answered in order for the same reason.
 
 import { headerHasToken } from "./_handshake.ts";
+import { closeQuietly, lingeringClose } from "./_io.ts";
 import { type HijackedConnection, registerConnection } from "./_hijack.ts";
 import {
   DEFAULT_MAX_HEADERS,
@@ -18,6 +19,7 @@ import {
   parseRequestHead,
   readHead,
   type RequestHead,
+  STATUS_TEXT,
 } from "./_http.ts";
 
 /**
@@ -230,8 +232,6 @@ const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
 const COALESCE_BYTES = 64 * 1024;
 /** Unread request body a keep-alive connection may discard; more closes it. */
 const MAX_DRAIN_BYTES = 256 * 1024;
-/** How long an erroring connection keeps reading so the client sees the error. */
-const LINGER_MS = 500;
 const BODY_READ_SIZE = 64 * 1024;
 
 const encoder = new TextEncoder();
@@ -523,14 +523,6 @@ class HttpServer implements Server {
 function defaultOnError(error: unknown): Response {
   console.error("Request handler failed:", error);
   return plainResponse(500);
-}
-
-function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch {
-    // Already closed.
-  }
 }
 
 /** How a request body is delimited (RFC 9112 section 6.3). */
@@ -1246,29 +1238,11 @@ class HttpConnection {
     await this.#lingeringClose();
   }
 
-  /**
-   * Closes a connection whose client may still be sending (an unread body,
-   * pipelined requests). Closing a socket with unread input makes the kernel
-   * reset it, which can destroy the response before the client reads it; so
-   * the write side is shut first and input discarded for a moment.
-   */
+  /** Ends a connection whose client may still be sending (see lingeringClose). */
   async #lingeringClose(): Promise<void> {
     this.#idle = false;
-    const timer = setTimeout(() => this.close(), LINGER_MS);
-    try {
-      await this.#conn.closeWrite();
-      const sink = new Uint8Array(16 * 1024);
-      for (let drained = 0; drained < MAX_DRAIN_BYTES;) {
-        const n = await this.#conn.read(sink);
-        if (n === null) break;
-        drained += n;
-      }
-    } catch {
-      // Reset or closed by the timer: either way the connection is over.
-    } finally {
-      clearTimeout(timer);
-      this.close();
-    }
+    await lingeringClose(this.#conn);
+    this.close();
   }
 }
 
@@ -1474,43 +1448,6 @@ function concat(pieces: Uint8Array[], total: number): Uint8Array {
 
 const CRLF = new Uint8Array([0x0d, 0x0a]);
 const LAST_CHUNK = encoder.encode("0\r\n\r\n");
-
-/** Reason phrases for the statuses this server and most handlers send. */
-const STATUS_TEXT: Record<number, string> = {
-  100: "Continue",
-  200: "OK",
-  201: "Created",
-  202: "Accepted",
-  204: "No Content",
-  206: "Partial Content",
-  301: "Moved Permanently",
-  302: "Found",
-  303: "See Other",
-  304: "Not Modified",
-  307: "Temporary Redirect",
-  308: "Permanent Redirect",
-  400: "Bad Request",
-  401: "Unauthorized",
-  403: "Forbidden",
-  404: "Not Found",
-  405: "Method Not Allowed",
-  408: "Request Timeout",
-  409: "Conflict",
-  410: "Gone",
-  411: "Length Required",
-  413: "Content Too Large",
-  414: "URI Too Long",
-  415: "Unsupported Media Type",
-  426: "Upgrade Required",
-  429: "Too Many Requests",
-  431: "Request Header Fields Too Large",
-  500: "Internal Server Error",
-  501: "Not Implemented",
-  502: "Bad Gateway",
-  503: "Service Unavailable",
-  504: "Gateway Timeout",
-  505: "HTTP Version Not Supported",
-};
 
 function plainResponse(status: number): Response {
   return new Response(`${status} ${STATUS_TEXT[status] ?? "Error"}`, {

@@ -37,6 +37,8 @@
  * @module
  */
 
+import { TOKEN, TOKEN_CHAR } from "./_http.ts";
+
 /** The registered name of the extension (RFC 7692 section 5). */
 const EXTENSION_NAME = "permessage-deflate";
 
@@ -345,10 +347,6 @@ function parseWindowBits(value: string): number | undefined {
   const bits = Number(value);
   return bits >= 8 && bits <= 15 ? bits : undefined;
 }
-
-/** RFC 9110 section 5.6.2 tchar. */
-const TOKEN_CHAR = /[!#$%&'*+\-.^_`|~0-9A-Za-z]/;
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 /**
  * Parses an extension list (RFC 6455 section 9.1):

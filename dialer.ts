@@ -13,7 +13,8 @@ import {
   DEFLATE_OFFER,
   type DeflateParameters,
 } from "./deflate.ts";
-import { HttpError, parseResponseHead, readHead } from "./_http.ts";
+import { HttpError, parseResponseHead, readHead, TOKEN } from "./_http.ts";
+import { closeQuietly, writeAll } from "./_io.ts";
 import {
   computeAcceptKey,
   encodeBase64,
@@ -259,8 +260,6 @@ const HANDSHAKE_HEADERS = [
   "sec-websocket-version",
   "sec-websocket-extensions",
 ];
-
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -845,22 +844,8 @@ function abortable<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
   });
 }
 
-function closeQuietly(conn: Deno.Conn | undefined): void {
-  try {
-    conn?.close();
-  } catch {
-    // Already closed, or handed over to Deno.startTls.
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Wire I/O
-
-async function writeAll(conn: Deno.Conn, data: Uint8Array): Promise<void> {
-  for (let offset = 0; offset < data.length;) {
-    offset += await conn.write(data.subarray(offset));
-  }
-}
 
 interface RequestParts {
   hostLine: string;

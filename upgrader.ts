@@ -42,6 +42,7 @@ import { type BufferPool, Conn, type Transport } from "./conn.ts";
 import { negotiateDeflate } from "./deflate.ts";
 import { CLOSE_CODE } from "./frame.ts";
 import { takeConnection } from "./_hijack.ts";
+import { closeQuietly, lingeringClose, writeAll } from "./_io.ts";
 import {
   computeAcceptKey,
   headerHasToken,
@@ -54,28 +55,10 @@ import {
   NodeTransport,
   requestFromNode,
 } from "./_node.ts";
+import { STATUS_TEXT, TOKEN } from "./_http.ts";
 
 export * from "./_serve.ts";
 export type { NodeRequest, NodeSocket } from "./_node.ts";
-
-/**
- * How long, at most, a connection is kept open after an error response so the
- * client reads it before the socket closes: closing with unread input makes
- * the kernel send RST, which can destroy the response in flight.
- */
-const LINGER_MS = 1000;
-
-/** RFC 9110 section 5.6.2 token: what subprotocol names must be. */
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-
-/** Reason phrases for the statuses a handshake can fail with. */
-const STATUS_TEXT: Readonly<Record<number, string>> = {
-  400: "Bad Request",
-  403: "Forbidden",
-  405: "Method Not Allowed",
-  426: "Upgrade Required",
-  500: "Internal Server Error",
-};
 
 /** Headers of the 101 the Upgrader controls, which the application may not set. */
 const RESERVED_HEADERS = [
@@ -804,7 +787,7 @@ export class Upgrader {
   /**
    * Writes an HTTP error response with `Connection: close` and closes the
    * connection: half-close first, then discard input until the client closes
-   * (at most {@linkcode LINGER_MS}) so unread input does not reset the
+   * (for at most a second) so unread input does not reset the
    * connection before the client has read the response. Never throws: the
    * caller reports why the handshake failed, and a client that is gone or
    * too slow to take the response changes nothing about that.
@@ -837,12 +820,10 @@ export class Upgrader {
     bytes.set(body, head.byteLength);
     try {
       await this.#write(transport, bytes);
-      await linger(transport);
     } catch {
       // Reset, closed or timed out: the connection is closed below anyway.
-    } finally {
-      closeQuietly(transport);
     }
+    await lingeringClose(transport);
   }
 
   /**
@@ -1036,39 +1017,4 @@ function withRequiredHeaders(response: Response, status: number): Response {
     statusText: response.statusText,
     headers,
   });
-}
-
-async function writeAll(
-  transport: Transport,
-  bytes: Uint8Array,
-): Promise<void> {
-  let written = 0;
-  while (written < bytes.byteLength) {
-    written += await transport.write(bytes.subarray(written));
-  }
-}
-
-/** Half-closes, then discards input until EOF or {@linkcode LINGER_MS}. */
-async function linger(transport: Handover["transport"]): Promise<void> {
-  if (transport.closeWrite === undefined) return;
-  const timer = setTimeout(() => closeQuietly(transport), LINGER_MS);
-  try {
-    await transport.closeWrite();
-    const sink = new Uint8Array(4096);
-    while (await transport.read(sink) !== null) {
-      // Discarded: the handshake failed, nothing after it is meaningful.
-    }
-  } catch {
-    // Reset by the peer or closed by the timer: either way, done.
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-function closeQuietly(transport: Transport): void {
-  try {
-    transport.close();
-  } catch {
-    // Already closed.
-  }
 }

@@ -1,0 +1,58 @@
+// Small socket helpers shared by the server, the Upgrader and the Dialer.
+
+/** Closes `closer`, ignoring that it may be closed already. */
+export function closeQuietly(closer: { close(): void } | undefined): void {
+  try {
+    closer?.close();
+  } catch {
+    // Already closed, or handed over (Deno.startTls takes the socket).
+  }
+}
+
+/** Writes all of `data`: a transport write may take fewer bytes. */
+export async function writeAll(
+  writer: { write(data: Uint8Array): Promise<number> },
+  data: Uint8Array,
+): Promise<void> {
+  for (let offset = 0; offset < data.byteLength;) {
+    offset += await writer.write(data.subarray(offset));
+  }
+}
+
+/** How long a closing socket keeps reading so its peer sees the last response. */
+export const LINGER_MS = 1000;
+/** Input discarded while lingering; past it the socket closes at once. */
+const LINGER_MAX_BYTES = 256 * 1024;
+
+/** A socket that can be half-closed. */
+export interface LingeringSocket {
+  read(buffer: Uint8Array): Promise<number | null>;
+  closeWrite?(): Promise<void>;
+  close(): void;
+}
+
+/**
+ * Closes a socket whose peer may still be sending (an unread body, pipelined
+ * requests, a refused handshake). Closing with unread input makes the kernel
+ * send RST, which can destroy the response before the peer reads it; so the
+ * write side is shut first and input discarded until EOF, for at most
+ * {@linkcode LINGER_MS} or {@linkcode LINGER_MAX_BYTES}. Never rejects.
+ */
+export async function lingeringClose(socket: LingeringSocket): Promise<void> {
+  const timer = setTimeout(() => closeQuietly(socket), LINGER_MS);
+  try {
+    if (socket.closeWrite === undefined) return;
+    await socket.closeWrite();
+    const sink = new Uint8Array(16 * 1024);
+    for (let drained = 0; drained < LINGER_MAX_BYTES;) {
+      const n = await socket.read(sink);
+      if (n === null) break;
+      drained += n;
+    }
+  } catch {
+    // Reset by the peer or closed by the timer: either way, done.
+  } finally {
+    clearTimeout(timer);
+    closeQuietly(socket);
+  }
+}
