@@ -80,7 +80,7 @@ const LF = 0x0a;
 /**
  * The first read of a head: most heads (a WebSocket upgrade, a fetch) fit,
  * and every pending read of an idle keep-alive connection and every head
- * read by a connection storm holds this much, garbage or not (issue 7, S6).
+ * read by a connection storm holds this much, garbage or not.
  */
 const FIRST_READ = 1024;
 /** Later reads, for the rest of a larger head. */

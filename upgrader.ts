@@ -205,7 +205,7 @@ class UntrackOnClose implements Transport {
 
   // The closer is made here, not in the handshake: a closure there would
   // share its scope with the Request and its headers and keep them alive
-  // for as long as the connection lives (issue 7, S6).
+  // for as long as the connection lives.
   constructor(
     inner: Handover["transport"],
     track: NonNullable<Handover["track"]>,

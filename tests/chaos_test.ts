@@ -1,4 +1,4 @@
-// Chaos (issue 8): one serve() + Upgrader echo server (a child process, so
+// Chaos: one serve() + Upgrader echo server (a child process, so
 // its memory is measured alone) faces many hostile clients at once while
 // healthy Dialer clients echo messages of 0 B to 200 KiB. The server must
 // stay alive, the healthy clients must get every byte back in order, every

@@ -1,4 +1,4 @@
-// Many connections (issue 8): 10,000 concurrent WebSocket connections to one
+// Many connections: 10,000 concurrent WebSocket connections to one
 // serve() + Upgrader echo server connect, echo and close. Server and clients
 // run as child processes with a raised open file limit (each side holds one
 // socket per connection); the server's memory per idle connection, measured

@@ -1,4 +1,4 @@
-// The package is ready for JSR (issue 6): every public symbol is documented
+// The package is ready for JSR: every public symbol is documented
 // (`deno doc --lint`) and `deno publish --dry-run` accepts it, with no slow
 // types. Both run on the checkout as a user of the tools would.
 

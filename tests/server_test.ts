@@ -1073,7 +1073,7 @@ for (
 ) {
   Deno.test(`takeConnection() on ${kind}: serve() stops waiting for the handler at once, and drops what it returns later`, async () => {
     // A handler that serves its WebSocket until it closes must not keep the
-    // request loop (and its buffers) alive for as long (issue 7, S6).
+    // request loop (and its buffers) alive for as long.
     const release = Promise.withResolvers<void>();
     const completed = Promise.withResolvers<void>();
     let bodyCancelled = false;
@@ -1257,7 +1257,7 @@ Deno.test("serve() refuses bad arguments with clear errors", () => {
 });
 
 Deno.test("serve() + Upgrader: an idle upgraded connection does not keep its Request alive", async () => {
-  // Memory per idle WebSocket (issue 7, S6) is what the Conn holds: the
+  // Memory per idle WebSocket is what the Conn holds: the
   // Request, its headers and serve()'s per-request state must be garbage
   // once the handler returned. Collecting needs --expose-gc: a child.
   const upgrader = new URL("../upgrader.ts", import.meta.url).href;

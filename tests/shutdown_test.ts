@@ -1,4 +1,4 @@
-// Graceful shutdown under load (issue 8): shutdown() while clients are
+// Graceful shutdown under load: shutdown() while clients are
 // echoing answers every message the server accepted before it, closes the
 // WebSocket connections with 1001 within the timeout the application chose,
 // and resolves.
