@@ -1,7 +1,10 @@
-// The deadline of one side of a Conn (reading or writing), with the meaning
-// of Go's net.Conn deadlines that gorilla passes on: it bounds the operation
-// in flight as well as later ones, so moving it while a read waits (or
-// setting it to now, to wake a blocked reader) takes effect at once.
+// Racing an operation against a time or a signal, the one way the library
+// does it. `Deadline` is the deadline of one side of a Conn (reading or
+// writing), with the meaning of Go's net.Conn deadlines that gorilla passes
+// on: it bounds the operation in flight as well as later ones, so moving it
+// while a read waits (or setting it to now, to wake a blocked reader) takes
+// effect at once. `TimeoutSignal` and `abortable` bound the steps of a
+// handshake.
 
 const noop = () => {};
 
@@ -98,4 +101,65 @@ export function isAbort(
   signal: AbortSignal | undefined,
 ): boolean {
   return signal !== undefined && signal.aborted && error === signal.reason;
+}
+
+/**
+ * A signal that aborts with its parent's reason, or with
+ * `Deno.errors.TimedOut` once `timeoutMs` (0: never) has passed: one signal
+ * bounds every step of a multi-step operation such as a handshake.
+ */
+export class TimeoutSignal {
+  readonly #controller = new AbortController();
+  readonly #parent: AbortSignal | undefined;
+  readonly #onParentAbort = () => this.#controller.abort(this.#parent!.reason);
+  #timer: ReturnType<typeof setTimeout> | undefined;
+
+  /** @param timeoutMessage The `TimedOut` error's message. */
+  constructor(
+    timeoutMs: number,
+    parent: AbortSignal | undefined,
+    timeoutMessage: string,
+  ) {
+    this.#parent = parent;
+    if (parent?.aborted) {
+      this.#controller.abort(parent.reason);
+      return;
+    }
+    parent?.addEventListener("abort", this.#onParentAbort, { once: true });
+    if (timeoutMs > 0) {
+      this.#timer = setTimeout(
+        () => this.#controller.abort(new Deno.errors.TimedOut(timeoutMessage)),
+        timeoutMs,
+      );
+    }
+  }
+
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  /** Stops the timer and lets go of the parent. */
+  clear(): void {
+    clearTimeout(this.#timer);
+    this.#parent?.removeEventListener("abort", this.#onParentAbort);
+  }
+}
+
+/**
+ * Settles with `promise`, or rejects with the signal's reason as soon as it
+ * aborts. The promise is still observed afterwards, so it never rejects
+ * unhandled.
+ */
+export function abortable<T>(
+  promise: Promise<T>,
+  signal: AbortSignal,
+): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) onAbort();
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() =>
+      signal.removeEventListener("abort", onAbort)
+    );
+  });
 }

@@ -17,6 +17,7 @@
 
 import type { DeflateParameters } from "./deflate.ts";
 import { CLOSE_CODE, ProtocolError } from "./frame.ts";
+import { concat } from "./_io.ts";
 
 /**
  * Messages shorter than this many bytes are sent uncompressed by default.
@@ -166,19 +167,6 @@ function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
   return true;
 }
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0];
-  let length = 0;
-  for (const part of parts) length += part.length;
-  const result = new Uint8Array(length);
-  let offset = 0;
-  for (const part of parts) {
-    result.set(part, offset);
-    offset += part.length;
-  }
-  return result;
-}
-
 /**
  * Compresses one message, possibly in pieces (a streaming writer), with a
  * fresh CompressionStream: no context takeover (RFC 7692 section 7.1.1).
@@ -225,7 +213,7 @@ export class MessageDeflater {
     const last = parts[parts.length - 1];
     parts[parts.length - 1] = last.subarray(0, last.length - SYNC_TAIL.length);
     this.#holdingTail = true;
-    return concat(parts);
+    return parts.length === 1 ? parts[0] : concat(parts);
   }
 
   /** Frees the stream; the held-back `00 00 ff ff` is dropped (section 7.2.1). */

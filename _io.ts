@@ -56,3 +56,16 @@ export async function lingeringClose(socket: LingeringSocket): Promise<void> {
     closeQuietly(socket);
   }
 }
+
+/** `parts` joined into one new buffer. */
+export function concat(parts: readonly Uint8Array[]): Uint8Array<ArrayBuffer> {
+  let size = 0;
+  for (const part of parts) size += part.length;
+  const joined = new Uint8Array(size);
+  let offset = 0;
+  for (const part of parts) {
+    joined.set(part, offset);
+    offset += part.length;
+  }
+  return joined;
+}

@@ -10,7 +10,7 @@
 // socket. Pipelined requests are answered in order for the same reason.
 
 import { headerHasToken } from "./_handshake.ts";
-import { closeQuietly, lingeringClose } from "./_io.ts";
+import { closeQuietly, concat, lingeringClose } from "./_io.ts";
 import { type HijackedConnection, registerConnection } from "./_hijack.ts";
 import {
   DEFAULT_MAX_HEADERS,
@@ -1208,7 +1208,7 @@ class HttpConnection {
     let total = 0;
     for (const piece of pieces) total += piece.length;
     if (pieces.length === 1 || total <= COALESCE_BYTES) {
-      const joined = pieces.length === 1 ? pieces[0] : concat(pieces, total);
+      const joined = pieces.length === 1 ? pieces[0] : concat(pieces);
       if (joined.length > 0) await this.#write(joined);
       return;
     }
@@ -1434,16 +1434,6 @@ function encodeLatin1(text: string): Uint8Array {
   const bytes = new Uint8Array(text.length);
   for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
   return bytes;
-}
-
-function concat(pieces: Uint8Array[], total: number): Uint8Array {
-  const joined = new Uint8Array(total);
-  let offset = 0;
-  for (const piece of pieces) {
-    joined.set(piece, offset);
-    offset += piece.length;
-  }
-  return joined;
 }
 
 const CRLF = new Uint8Array([0x0d, 0x0a]);
