@@ -1,7 +1,9 @@
 // The HTTP/1.1 server behind serve(): a front end on Deno.listen /
 // Deno.listenTls with Deno.serve's handler shape, whose connections an
 // Upgrader can take over (see _hijack.ts). Deno.serve cannot hand over its
-// socket (../shared/DESIGN.md), which is why this exists.
+// socket (its upgradeWebSocket() gives a finished WebSocket, never the raw
+// connection), which is why this exists. Body decoding is in _http_body.ts,
+// response encoding in _http_response.ts.
 //
 // Each connection runs one loop: read a head, build a Request, await the
 // handler, write the Response, finish the request body, repeat. Nothing is
@@ -10,7 +12,20 @@
 // socket. Pipelined requests are answered in order for the same reason.
 
 import { headerHasToken } from "./_handshake.ts";
-import { closeQuietly, concat, lingeringClose } from "./_io.ts";
+import { closeQuietly, lingeringClose, writeAll } from "./_io.ts";
+import {
+  bodyFinished,
+  bodyFraming,
+  type BodySource,
+  type Framing,
+  nextBodyPiece,
+  truncatedBody,
+} from "./_http_body.ts";
+import {
+  encodeRefusal,
+  plainResponse,
+  writeResponse,
+} from "./_http_response.ts";
 import { type HijackedConnection, registerConnection } from "./_hijack.ts";
 import {
   DEFAULT_MAX_HEADERS,
@@ -19,7 +34,6 @@ import {
   parseRequestHead,
   readHead,
   type RequestHead,
-  STATUS_TEXT,
 } from "./_http.ts";
 
 /**
@@ -29,7 +43,7 @@ import {
  * @example Serve HTTPS with a certificate and key
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve, type ServeOptions } from "./upgrader.ts";
+ * import { serve, type ServeOptions } from "@denows/websocket";
  *
  * const read = (name: string) =>
  *   Deno.readTextFile(new URL(`./tests/fixtures/${name}`, import.meta.url));
@@ -99,7 +113,7 @@ export interface ServeOptions {
  * @example Answer with the client's address
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve, type ServeHandlerInfo } from "./upgrader.ts";
+ * import { serve, type ServeHandlerInfo } from "@denows/websocket";
  *
  * await using server = serve(
  *   { hostname: "127.0.0.1", port: 0, onListen() {} },
@@ -128,7 +142,7 @@ export interface ServeHandlerInfo {
  * @example A small router
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve, type ServeHandler } from "./upgrader.ts";
+ * import { serve, type ServeHandler } from "@denows/websocket";
  *
  * const router: ServeHandler = async (request) => {
  *   const { pathname } = new URL(request.url);
@@ -160,7 +174,7 @@ export type ServeHandler = (
  * @example Give in-flight requests one second
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve, type ShutdownOptions } from "./upgrader.ts";
+ * import { serve, type ShutdownOptions } from "@denows/websocket";
  *
  * const server = serve(
  *   { hostname: "127.0.0.1", port: 0, onListen() {} },
@@ -194,7 +208,7 @@ export interface ShutdownOptions {
  * @example Wait for the server to finish after a shutdown
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve, type Server } from "./upgrader.ts";
+ * import { serve, type Server } from "@denows/websocket";
  *
  * const controller = new AbortController();
  * const server: Server = serve(
@@ -228,13 +242,11 @@ const DEFAULT_MAX_HEAD_BYTES = 16 * 1024;
 const DEFAULT_HEAD_TIMEOUT = 10_000;
 const DEFAULT_IDLE_TIMEOUT = 30_000;
 const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
-/** A body no larger than this is sent in one write with its head. */
-const COALESCE_BYTES = 64 * 1024;
 /** Unread request body a keep-alive connection may discard; more closes it. */
 const MAX_DRAIN_BYTES = 256 * 1024;
 const BODY_READ_SIZE = 64 * 1024;
 
-const encoder = new TextEncoder();
+const CONTINUE = new TextEncoder().encode("HTTP/1.1 100 Continue\r\n\r\n");
 
 /**
  * Serves HTTP/1.1 on TCP, or TLS with `cert` and `key`, calling `handler`
@@ -262,7 +274,7 @@ const encoder = new TextEncoder();
  * @example Serve a request on a free port
  * ```ts
  * import assert from "node:assert/strict";
- * import { serve } from "./upgrader.ts";
+ * import { serve } from "@denows/websocket";
  *
  * const server = serve(
  *   { hostname: "127.0.0.1", port: 0, onListen() {} },
@@ -525,15 +537,6 @@ function defaultOnError(error: unknown): Response {
   return plainResponse(500);
 }
 
-/** How a request body is delimited (RFC 9112 section 6.3). */
-type Framing =
-  | { kind: "length"; remaining: number }
-  | {
-    kind: "chunked";
-    state: "size" | "data" | "crlf" | "done";
-    remaining: number;
-  };
-
 /** What the connection knows about the current request body. */
 interface BodyState {
   /** `Expect: 100-continue` is still to be answered. */
@@ -590,7 +593,7 @@ function abandonable(result: Promise<Response | void>): {
 }
 
 /** One client connection and its request loop. */
-class HttpConnection {
+class HttpConnection implements BodySource {
   readonly #server: HttpServer;
   readonly #conn: Deno.Conn;
   readonly #done = Promise.withResolvers<void>();
@@ -834,9 +837,9 @@ class HttpConnection {
     try {
       if (state.expectContinue && !this.#responseStarted) {
         state.expectContinue = false;
-        await this.#write(encoder.encode("HTTP/1.1 100 Continue\r\n\r\n"));
+        await writeAll(this.#conn, CONTINUE);
       }
-      return await this.#nextBodyPiece(framing);
+      return await nextBodyPiece(framing, this);
     } catch (error) {
       state.error = error instanceof HttpError ? error : new HttpError(
         400,
@@ -844,80 +847,6 @@ class HttpConnection {
         { cause: error },
       );
       throw state.error;
-    }
-  }
-
-  async #nextBodyPiece(framing: Framing): Promise<Uint8Array | null> {
-    if (framing.kind === "length") {
-      if (framing.remaining === 0) return null;
-      const piece = await this.#take(framing.remaining);
-      if (piece === null) throw truncatedBody();
-      framing.remaining -= piece.length;
-      return piece;
-    }
-    for (;;) {
-      switch (framing.state) {
-        case "done":
-          return null;
-        case "size": {
-          const line = await this.#readLine();
-          // chunk-size [ chunk-ext ] (RFC 9112 section 7.1); extensions are
-          // ignored but must not hold control characters.
-          const match =
-            /^([0-9A-Fa-f]{1,13})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?$/
-              .exec(line);
-          if (match === null) {
-            throw new HttpError(
-              400,
-              `Cannot read the request body: bad chunk size line ${
-                JSON.stringify(line.slice(0, 32))
-              }`,
-            );
-          }
-          framing.remaining = parseInt(match[1], 16);
-          if (framing.remaining === 0) {
-            await this.#skipTrailers();
-            framing.state = "done";
-            return null;
-          }
-          framing.state = "data";
-          break;
-        }
-        case "data": {
-          const piece = await this.#take(framing.remaining);
-          if (piece === null) throw truncatedBody();
-          framing.remaining -= piece.length;
-          if (framing.remaining === 0) framing.state = "crlf";
-          return piece;
-        }
-        case "crlf": {
-          const line = await this.#readLine();
-          if (line !== "") {
-            throw new HttpError(
-              400,
-              "Cannot read the request body: a chunk is longer than its size",
-            );
-          }
-          framing.state = "size";
-          break;
-        }
-      }
-    }
-  }
-
-  /** Trailer fields end a chunked body; they are read and ignored. */
-  async #skipTrailers(): Promise<void> {
-    let total = 0;
-    for (;;) {
-      const line = await this.#readLine();
-      if (line === "") return;
-      total += line.length + 2;
-      if (total > this.#server.settings.maxHeadBytes) {
-        throw new HttpError(
-          431,
-          "Cannot read the request body: its trailer fields are too large",
-        );
-      }
     }
   }
 
@@ -946,8 +875,12 @@ class HttpConnection {
     return Promise.race([read, expired]).finally(() => clearTimeout(timer));
   }
 
+  get maxTrailerBytes(): number {
+    return this.#server.settings.maxHeadBytes;
+  }
+
   /** Up to `max` bytes: buffered ones first, else one socket read; null at EOF. */
-  async #take(max: number): Promise<Uint8Array | null> {
+  async take(max: number): Promise<Uint8Array | null> {
     if (this.#buffered.length === 0) {
       const buffer = new Uint8Array(Math.min(max, BODY_READ_SIZE));
       const n = await this.#readBodyBytes(buffer);
@@ -962,7 +895,7 @@ class HttpConnection {
   }
 
   /** One CRLF-terminated line (without it), bounded by the request-line limit. */
-  async #readLine(): Promise<string> {
+  async readLine(): Promise<string> {
     const limit = this.#server.settings.maxRequestLineBytes;
     let from = 0;
     for (;;) {
@@ -1045,7 +978,12 @@ class HttpConnection {
       const bodyUnsent = state.expectContinue && !bodyFinished(framing);
       let keepAlive = wantsKeepAlive(head) && !this.#server.closing &&
         !bodyUnsent && state.error === undefined;
-      keepAlive = await this.#writeResponse(head, response, keepAlive);
+      this.#responseStarted = true;
+      keepAlive = await writeResponse(this.#conn, response, keepAlive, {
+        head,
+        fallback: (error) => this.#failure(error),
+        onBroken: () => this.#requestAbort?.abort(),
+      });
       this.#responseDone = true;
       state.detached = true;
       if (!keepAlive) {
@@ -1094,144 +1032,11 @@ class HttpConnection {
     }
   }
 
-  /**
-   * Writes `response`; resolves whether the connection can stay open. The
-   * body is sent with Content-Length when it is complete before the event
-   * loop turns (strings, bytes, small blobs), chunked when it streams.
-   */
-  async #writeResponse(
-    head: RequestHead,
-    response: Response,
-    keepAlive: boolean,
-  ): Promise<boolean> {
-    this.#responseStarted = true;
-    const status = response.status;
-    const noBody = head.method.toUpperCase() === "HEAD" || status === 204 ||
-      status === 304;
-    const headers = response.headers;
-    if (headerHasToken(headers, "connection", "close")) keepAlive = false;
-    const declared = headers.get("content-length");
-    let length: number | undefined = declared !== null &&
-        /^\d{1,15}$/.test(declared)
-      ? Number(declared)
-      : undefined;
-
-    let reader: ReadableStreamDefaultReader<Uint8Array> | undefined;
-    let collected: Uint8Array[] = [];
-    let ended = response.body === null;
-    let next: Promise<ReadableStreamReadResult<Uint8Array>> | undefined;
-    try {
-      // getReader() throws for a body that is locked or already read.
-      reader = response.body?.getReader();
-      if (reader !== undefined && length === undefined) {
-        ({ collected, ended, next } = await collectReady(reader));
-        if (ended) length = collected.reduce((n, c) => n + c.length, 0);
-      }
-    } catch (error) {
-      // The body failed before anything was sent: answer as for a throw.
-      const fallback = await this.#failure(error);
-      return this.#writeResponse(head, fallback, false);
-    }
-    if (status === 204 || status === 304) length = undefined;
-    const chunked = !noBody && length === undefined &&
-      head.version === "HTTP/1.1";
-    if (!noBody && length === undefined && !chunked) keepAlive = false;
-
-    let text = `HTTP/1.1 ${status} ${
-      response.statusText || STATUS_TEXT[status] || ""
-    }\r\n`;
-    for (const [name, value] of headers) {
-      if (
-        name === "connection" || name === "transfer-encoding" ||
-        name === "content-length" || name === "keep-alive"
-      ) continue;
-      text += `${name}: ${value}\r\n`;
-    }
-    if (!headers.has("date")) text += `date: ${httpDate()}\r\n`;
-    if (length !== undefined && (status !== 204 && status !== 304)) {
-      text += `content-length: ${length}\r\n`;
-    }
-    if (chunked) text += "transfer-encoding: chunked\r\n";
-    if (!keepAlive) text += "connection: close\r\n";
-    else if (head.version === "HTTP/1.0") text += "connection: keep-alive\r\n";
-    text += "\r\n";
-
-    const headBytes = encodeLatin1(text);
-    if (noBody || reader === undefined) {
-      if (reader !== undefined) reader.cancel().catch(() => {});
-      await this.#write(headBytes);
-      return keepAlive;
-    }
-    try {
-      let sent = 0;
-      // Frames body pieces (cut to a declared length, chunked when needed)
-      // behind `out` and writes them all at once.
-      const send = async (out: Uint8Array[], pieces: Uint8Array[]) => {
-        for (let piece of pieces) {
-          if (length !== undefined) {
-            piece = piece.subarray(0, length - sent);
-            sent += piece.length;
-          }
-          if (piece.length === 0) continue;
-          if (chunked) {
-            out.push(
-              encoder.encode(`${piece.length.toString(16)}\r\n`),
-              piece,
-              CRLF,
-            );
-          } else out.push(piece);
-        }
-        await this.#writeAll(out);
-      };
-      await send([headBytes], collected);
-      while (!ended) {
-        const result = await (next ?? reader.read());
-        next = undefined;
-        if (result.done) break;
-        await send([], [result.value]);
-      }
-      if (chunked) await this.#write(LAST_CHUNK);
-      // A declared Content-Length the body did not fill leaves the client
-      // waiting for bytes that never come: end the connection instead.
-      if (length !== undefined && sent !== length) return false;
-      return keepAlive;
-    } catch (error) {
-      // The client is gone (or the body failed): stop the handler's work.
-      this.#requestAbort?.abort();
-      reader.cancel(error).catch(() => {});
-      return false;
-    }
-  }
-
-  /** Writes several pieces, coalescing small ones into one syscall. */
-  async #writeAll(pieces: Uint8Array[]): Promise<void> {
-    let total = 0;
-    for (const piece of pieces) total += piece.length;
-    if (pieces.length === 1 || total <= COALESCE_BYTES) {
-      const joined = pieces.length === 1 ? pieces[0] : concat(pieces);
-      if (joined.length > 0) await this.#write(joined);
-      return;
-    }
-    for (const piece of pieces) await this.#write(piece);
-  }
-
-  async #write(data: Uint8Array): Promise<void> {
-    let written = 0;
-    while (written < data.length) {
-      written += await this.#conn.write(data.subarray(written));
-    }
-  }
-
   /** Answers a request that cannot be served with a bare status, then closes. */
   async #refuse(status: number): Promise<void> {
     this.#idle = false;
-    const text = `${status} ${STATUS_TEXT[status] ?? "Error"}`;
     try {
-      await this.#write(encoder.encode(
-        `HTTP/1.1 ${text}\r\ndate: ${httpDate()}\r\n` +
-          `content-type: text/plain;charset=UTF-8\r\n` +
-          `content-length: ${text.length}\r\nconnection: close\r\n\r\n${text}`,
-      ));
+      await writeAll(this.#conn, encodeRefusal(status));
     } catch {
       return; // The client is gone: nothing more to do.
     }
@@ -1244,77 +1049,6 @@ class HttpConnection {
     await lingeringClose(this.#conn);
     this.close();
   }
-}
-
-/**
- * How the request body is delimited (RFC 9112 section 6.3). Anything a
- * front end and a back end could read differently is refused, because that
- * disagreement is what request smuggling exploits.
- */
-function bodyFraming(head: RequestHead): Framing {
-  const transferEncoding = head.headers.get("transfer-encoding");
-  const contentLength = head.headers.get("content-length");
-  if (transferEncoding !== null) {
-    if (contentLength !== null) {
-      throw new HttpError(
-        400,
-        "Cannot read the request: it has both Content-Length and Transfer-Encoding",
-      );
-    }
-    if (head.version === "HTTP/1.0") {
-      throw new HttpError(
-        400,
-        "Cannot read the request: Transfer-Encoding is not allowed in HTTP/1.0",
-      );
-    }
-    const codings = transferEncoding.split(",").map((c) =>
-      c.trim().toLowerCase()
-    );
-    const chunkedAt = codings.indexOf("chunked");
-    if (chunkedAt !== codings.length - 1 || codings.length === 0) {
-      throw new HttpError(
-        400,
-        `Cannot read the request: Transfer-Encoding ${
-          JSON.stringify(transferEncoding.slice(0, 64))
-        } does not end with a single chunked`,
-      );
-    }
-    if (codings.length > 1) {
-      throw new HttpError(
-        501,
-        `Cannot read the request: Transfer-Encoding ${
-          JSON.stringify(transferEncoding.slice(0, 64))
-        } is not supported`,
-      );
-    }
-    return { kind: "chunked", state: "size", remaining: 0 };
-  }
-  if (contentLength === null) return { kind: "length", remaining: 0 };
-  // Repeated fields arrive joined with ", "; equal copies are tolerated.
-  const values = new Set(contentLength.split(",").map((v) => v.trim()));
-  const [value] = values;
-  if (values.size !== 1 || !/^\d{1,15}$/.test(value)) {
-    throw new HttpError(
-      400,
-      `Cannot read the request: Content-Length ${
-        JSON.stringify(contentLength.slice(0, 64))
-      } is not a single decimal length`,
-    );
-  }
-  return { kind: "length", remaining: Number(value) };
-}
-
-function bodyFinished(framing: Framing): boolean {
-  return framing.kind === "length"
-    ? framing.remaining === 0
-    : framing.state === "done";
-}
-
-function truncatedBody(): HttpError {
-  return new HttpError(
-    400,
-    "Cannot read the request body: the connection closed before its end",
-  );
 }
 
 /** Keep-alive by default in HTTP/1.1, on request in HTTP/1.0 (RFC 9112 9.3). */
@@ -1380,81 +1114,4 @@ function requestUrl(
       { cause: error },
     );
   }
-}
-
-/**
- * Reads the chunks a body stream already holds, stopping at its end, when
- * the next chunk is not ready before a macrotask (the body streams), or when
- * more than COALESCE_BYTES have come (a large body is sent as it comes).
- * `next` is the read still in flight, to be awaited later.
- */
-async function collectReady(
-  reader: ReadableStreamDefaultReader<Uint8Array>,
-): Promise<{
-  collected: Uint8Array[];
-  ended: boolean;
-  next?: Promise<ReadableStreamReadResult<Uint8Array>>;
-}> {
-  const collected: Uint8Array[] = [];
-  let total = 0;
-  // The first chunk is always awaited: the head needs to know whether the
-  // body is empty, and a stream's first chunk is what a client waits for.
-  const first = await reader.read();
-  if (first.done) return { collected, ended: true };
-  collected.push(first.value);
-  total += first.value.length;
-  for (;;) {
-    const next = reader.read();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const tick = new Promise<undefined>((resolve) => {
-      timer = setTimeout(() => resolve(undefined), 0);
-    });
-    const result = await Promise.race([next, tick]);
-    clearTimeout(timer);
-    if (result === undefined) {
-      // Whoever awaits `next` later sees its failure; if the connection
-      // fails first nobody will, and a rejection must never go unobserved.
-      next.catch(() => {});
-      return { collected, ended: false, next };
-    }
-    if (result.done) return { collected, ended: true };
-    collected.push(result.value);
-    total += result.value.length;
-    if (total > COALESCE_BYTES) return { collected, ended: false };
-  }
-}
-
-/**
- * Encodes a response head byte for byte: header values are ByteStrings
- * (characters up to U+00FF) that UTF-8 would turn into two bytes each.
- */
-function encodeLatin1(text: string): Uint8Array {
-  // deno-lint-ignore no-control-regex
-  if (/^[\x00-\x7f]*$/.test(text)) return encoder.encode(text);
-  const bytes = new Uint8Array(text.length);
-  for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
-  return bytes;
-}
-
-const CRLF = new Uint8Array([0x0d, 0x0a]);
-const LAST_CHUNK = encoder.encode("0\r\n\r\n");
-
-function plainResponse(status: number): Response {
-  return new Response(`${status} ${STATUS_TEXT[status] ?? "Error"}`, {
-    status,
-  });
-}
-
-// The Date header (RFC 9110 section 6.6.1) changes once a second; format it
-// once a second rather than per response.
-let dateSecond = -1;
-let dateText = "";
-function httpDate(): string {
-  const now = Date.now();
-  const second = Math.floor(now / 1000);
-  if (second !== dateSecond) {
-    dateSecond = second;
-    dateText = new Date(now).toUTCString();
-  }
-  return dateText;
 }
