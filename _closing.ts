@@ -75,13 +75,13 @@ async function closingHandshake(
 }
 
 /**
- * Sends the close frame for a protocol error, then closes the transport
- * (RFC 6455 section 7.1.7).
+ * Sends the close frame for a protocol error (or another reason to give up
+ * on the peer), then closes the transport (RFC 6455 section 7.1.7).
  */
 export function failConnection(
   conn: Closable,
   writer: Writer,
-  error: ProtocolError,
+  error: Pick<ProtocolError, "code" | "message">,
 ): void {
   if (!writer.canReply) {
     conn.close();

@@ -62,3 +62,51 @@ export function headerHasToken(
     t.toLowerCase() === wanted
   );
 }
+
+/**
+ * The opening handshake was refused: the request is not an acceptable
+ * WebSocket handshake (or the application set `Sec-WebSocket-Extensions`).
+ * By the time the upgrade rejects with it, the error response has been
+ * written to the client and the connection closed.
+ *
+ * @example Catching a refused handshake
+ * ```ts title="Catching a refused handshake"
+ * import assert from "node:assert/strict";
+ * import { HandshakeError, serve, Upgrader } from "@denows/websocket/upgrader";
+ *
+ * const upgrader = new Upgrader();
+ * const refused = Promise.withResolvers<unknown>();
+ * const server = serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
+ *   try {
+ *     await upgrader.upgrade(request);
+ *   } catch (error) {
+ *     refused.resolve(error);
+ *   }
+ * });
+ *
+ * // A plain GET is no WebSocket handshake.
+ * const response = await fetch(`http://127.0.0.1:${server.addr.port}/`);
+ * assert.equal(response.status, 400);
+ * assert.equal(await response.text(), "Bad Request\n");
+ * const error = await refused.promise;
+ * assert.ok(error instanceof HandshakeError);
+ * assert.equal(error.status, 400);
+ * await server.shutdown();
+ * ```
+ */
+export class HandshakeError extends Error {
+  /** The HTTP status of the error response (gorilla's statuses). */
+  readonly status: number;
+
+  /**
+   * Creates a handshake error.
+   *
+   * @param message What went wrong, in sentence case.
+   * @param options `status`: the HTTP status sent; `cause`: the underlying error.
+   */
+  constructor(message: string, options: { status: number; cause?: unknown }) {
+    super(message, { cause: options.cause });
+    this.name = "HandshakeError";
+    this.status = options.status;
+  }
+}

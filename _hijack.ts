@@ -10,13 +10,20 @@ export interface HijackedConnection {
   /** Bytes read past the request head (pipelined data, first frames). */
   head: Uint8Array;
   /**
-   * Registers what graceful shutdown calls to close this connection (the
-   * Upgrader's closer sends close 1001 and waits up to `timeoutMs`). Returns
-   * a function that unregisters it; call it once the connection has ended so
+   * Registers how `serve()` closes this connection: with 1001 on graceful
+   * shutdown, with 1011 when the handler that took it fails. Returns a
+   * function that unregisters it; call it once the connection has ended so
    * a long-running server does not keep closers of dead connections.
    */
-  track(closer: (timeoutMs: number) => Promise<void>): () => void;
+  track(closer: Closer): () => void;
 }
+
+/**
+ * Closes a taken connection with a close code, waiting up to `timeoutMs`
+ * for the closing handshake (the Upgrader's closer; before the 101 it just
+ * closes the socket).
+ */
+export type Closer = (code: number, timeoutMs: number) => Promise<void>;
 
 /**
  * What `_serve.ts` registers per request: a function that hands the socket

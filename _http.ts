@@ -118,6 +118,20 @@ export async function readHead(
       start += 2;
       scanned = Math.max(scanned, start);
     }
+    // A start line begins with a token (a method, or "HTTP"); anything else
+    // is not HTTP, most often a TLS handshake sent to a plain port, which
+    // gets its answer now rather than after the head timeout.
+    if (
+      start < length && buffer[start] !== CR &&
+      !TOKEN_CHAR.test(String.fromCharCode(buffer[start]))
+    ) {
+      throw new HttpError(
+        400,
+        `Cannot read the HTTP head: byte 0x${
+          buffer[start].toString(16).padStart(2, "0")
+        } cannot start one (is the peer speaking TLS to a plain port?)`,
+      );
+    }
     const end = findBlankLine(buffer, Math.max(start, scanned - 3), length);
     if (end !== -1) {
       if (end - start > maxHeadBytes) throw headTooLarge(maxHeadBytes);

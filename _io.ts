@@ -69,3 +69,21 @@ export function concat(parts: readonly Uint8Array[]): Uint8Array<ArrayBuffer> {
   }
   return joined;
 }
+
+/** Error classes whose constructor takes `(message, options)` as Error's does. */
+const PLAIN_ERRORS = new Set<unknown>([Error, ...Object.values(Deno.errors)]);
+
+/**
+ * Puts `context` (what was being done, to what) in front of a platform
+ * error's message, keeping its class, so that `instanceof
+ * Deno.errors.ConnectionRefused` still holds, and the original as `cause`.
+ * Errors of other classes already say what they were about: they pass as
+ * they are.
+ */
+export function withContext(error: unknown, context: string): unknown {
+  if (!(error instanceof Error) || !PLAIN_ERRORS.has(error.constructor)) {
+    return error;
+  }
+  const Class = error.constructor as ErrorConstructor;
+  return new Class(`${context}: ${error.message}`, { cause: error });
+}

@@ -169,6 +169,7 @@ export class Reader {
   #validating = false;
   #utf8: Utf8Validator | undefined;
   #readLimit = 0;
+  #reads = 0;
   /** Made on first use: a Conn that never sets one pays nothing for it. */
   #readDeadline: Deadline | undefined;
   #reading = false;
@@ -212,6 +213,15 @@ export class Reader {
       this.#rbuf = new Uint8Array(Math.min(IDLE_READ_SIZE, this.#bufferSize));
     }
     this.#rview = this.#rbuf.subarray(0, this.#rend);
+  }
+
+  /**
+   * Transport reads begun. Each begins after the one before returned bytes,
+   * so the count moves exactly when something arrives (the keepalive's
+   * sign of life).
+   */
+  get reads(): number {
+    return this.#reads;
   }
 
   /** Why reads fail from now on (a CloseError once a close frame came). */
@@ -890,6 +900,7 @@ export class Reader {
    * directly, so an idle connection keeps no extra suspended frames.
    */
   #startRead(buffer: Uint8Array): Promise<number | null> {
+    this.#reads++;
     const read = this.#transport.read(buffer);
     if (this.#readDeadline === undefined && this.#readSignal === undefined) {
       return read;

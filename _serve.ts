@@ -11,8 +11,14 @@
 // upgrade request are still buffered, untouched, when the Upgrader takes the
 // socket. Pipelined requests are answered in order for the same reason.
 
-import { headerHasToken } from "./_handshake.ts";
-import { closeQuietly, lingeringClose, writeAll } from "./_io.ts";
+import {
+  CLOSE_CODE,
+  CloseError,
+  ConnectionClosedError,
+  ProtocolError,
+} from "./frame.ts";
+import { HandshakeError, headerHasToken } from "./_handshake.ts";
+import { closeQuietly, lingeringClose, withContext, writeAll } from "./_io.ts";
 import {
   bodyFinished,
   bodyFraming,
@@ -26,7 +32,11 @@ import {
   plainResponse,
   writeResponse,
 } from "./_http_response.ts";
-import { type HijackedConnection, registerConnection } from "./_hijack.ts";
+import {
+  type Closer,
+  type HijackedConnection,
+  registerConnection,
+} from "./_hijack.ts";
 import {
   DEFAULT_MAX_HEADERS,
   DEFAULT_MAX_REQUEST_LINE_BYTES,
@@ -84,7 +94,15 @@ export interface ServeOptions {
   onListen?: (addr: Deno.NetAddr) => void;
   /**
    * Turns an error thrown by the handler into the response sent. Default:
-   * logs the error and answers `500 Internal Server Error`.
+   * logs the error to stderr with the request's method and path, and
+   * answers `500 Internal Server Error`. A handler that fails after taking
+   * its connection over (a rejection after `upgrader.upgrade(request)`) is
+   * reported here too: the Response is then dropped, as the connection
+   * speaks WebSocket, and the WebSocket is closed with 1011 (internal
+   * error). Not reported: a refused handshake, which the Upgrader has
+   * answered and reports itself, and the errors that only say the
+   * WebSocket ended (`CloseError`, `ProtocolError`, `ConnectionClosedError`
+   * escaping a read loop).
    */
   onError?: (error: unknown) => Response | Promise<Response>;
   /** Most bytes a request head may take; larger heads get 431. Default 16 KiB. */
@@ -246,6 +264,8 @@ const DEFAULT_SHUTDOWN_TIMEOUT = 5000;
 const MAX_DRAIN_BYTES = 256 * 1024;
 const BODY_READ_SIZE = 64 * 1024;
 
+const noop = () => {};
+
 const CONTINUE = new TextEncoder().encode("HTTP/1.1 100 Continue\r\n\r\n");
 
 /**
@@ -322,11 +342,11 @@ interface Settings {
 class HttpServer implements Server {
   readonly #listener: Deno.Listener;
   readonly #handler: ServeHandler;
-  readonly #onError: (error: unknown) => Response | Promise<Response>;
+  readonly #onError: ServeOptions["onError"];
   readonly #settings: Settings;
   readonly #scheme: "http" | "https";
   readonly #connections = new Set<HttpConnection>();
-  readonly #closers = new Set<(timeoutMs: number) => Promise<void>>();
+  readonly #closers = new Set<Closer>();
   readonly #finished = Promise.withResolvers<void>();
   readonly #accepting: Promise<void>;
   #shutdown: Promise<void> | undefined;
@@ -336,7 +356,7 @@ class HttpServer implements Server {
 
   constructor(options: ServeOptions, handler: ServeHandler) {
     this.#handler = handler;
-    this.#onError = options.onError ?? defaultOnError;
+    this.#onError = options.onError;
     this.#settings = {
       maxHeadBytes: positive(
         options.maxHeadBytes,
@@ -372,17 +392,15 @@ class HttpServer implements Server {
     const hostname = options.hostname ?? "0.0.0.0";
     const port = options.port ?? 8000;
     options.signal?.throwIfAborted();
-    if (options.cert !== undefined && options.key !== undefined) {
-      this.#scheme = "https";
-      this.#listener = Deno.listenTls({
-        hostname,
-        port,
-        cert: options.cert,
-        key: options.key,
-      });
-    } else {
-      this.#scheme = "http";
-      this.#listener = Deno.listen({ hostname, port });
+    const { cert, key } = options;
+    this.#scheme = cert !== undefined ? "https" : "http";
+    try {
+      this.#listener = cert !== undefined && key !== undefined
+        ? Deno.listenTls({ hostname, port, cert, key })
+        : Deno.listen({ hostname, port });
+    } catch (error) {
+      const host = hostname.includes(":") ? `[${hostname}]` : hostname;
+      throw withContext(error, `Cannot listen on ${host}:${port}`);
     }
     const onListen = options.onListen ?? ((addr: Deno.NetAddr) => {
       const host = addr.hostname.includes(":")
@@ -426,10 +444,18 @@ class HttpServer implements Server {
     return this.#handler;
   }
 
-  /** Runs `onError`, falling back to a plain 500 if it fails too. */
-  async errorResponse(error: unknown): Promise<Response> {
+  /**
+   * Runs `onError` (by default, logs that `request` failed), falling back to
+   * a plain 500 if it fails too.
+   */
+  async errorResponse(
+    error: unknown,
+    request: RequestLine,
+  ): Promise<Response> {
     try {
-      const response = await this.#onError(error);
+      const response = this.#onError === undefined
+        ? defaultOnError(error, request)
+        : await this.#onError(error);
       if (response instanceof Response) return response;
       console.error(
         new TypeError("onError returned something other than a Response"),
@@ -441,11 +467,11 @@ class HttpServer implements Server {
   }
 
   /** Registers a WebSocket closer for shutdown; returns its unregister. */
-  track(closer: (timeoutMs: number) => Promise<void>): () => void {
+  track(closer: Closer): () => void {
     if (this.#closingWebSockets !== undefined) {
       // Upgraded while shutdown is closing WebSockets: close it right away.
       const closing = Promise.resolve().then(() =>
-        closer(this.#closingWebSockets!)
+        closer(CLOSE_CODE.GoingAway, this.#closingWebSockets!)
       );
       closing.catch(() => {});
       return () => {};
@@ -504,7 +530,9 @@ class HttpServer implements Server {
     if (options.closeWebSockets) {
       this.#closingWebSockets = timeout;
       for (const closer of this.#closers) {
-        waits.push(Promise.resolve().then(() => closer(timeout)));
+        waits.push(
+          Promise.resolve().then(() => closer(CLOSE_CODE.GoingAway, timeout)),
+        );
       }
       this.#closers.clear();
     }
@@ -532,9 +560,62 @@ class HttpServer implements Server {
   }
 }
 
-function defaultOnError(error: unknown): Response {
-  console.error("Request handler failed:", error);
+/** The request a handler failed on, for the log: method and target. */
+type RequestLine = Pick<RequestHead, "method" | "target">;
+
+function defaultOnError(error: unknown, request: RequestLine): Response {
+  // The query may carry credentials: the path is enough to find the handler.
+  const path = request.target.split("?", 1)[0];
+  console.error(`Request handler failed: ${request.method} ${path}:`, error);
   return plainResponse(500);
+}
+
+/** How long a failed handler's WebSocket waits for the peer's close frame. */
+const FAILED_CLOSE_TIMEOUT = 1000;
+
+/**
+ * A request's connection as serve() sees it after a handler took it over:
+ * a handler that fails afterwards is reported as one that fails before it,
+ * and its WebSocket is closed with 1011 (RFC 6455 section 7.4.1). It holds
+ * neither the Request nor the HttpConnection, which live no longer than the
+ * handshake, only the request line for the log and the Upgrader's closer.
+ */
+class Takeover {
+  readonly #server: HttpServer;
+  readonly #request: RequestLine;
+  #closer: Closer | undefined;
+
+  constructor(server: HttpServer, request: RequestLine) {
+    this.#server = server;
+    this.#request = { method: request.method, target: request.target };
+  }
+
+  /** The HijackedConnection's `track`, keeping the closer for `failed()`. */
+  track(closer: Closer): () => void {
+    this.#closer = closer;
+    const untrack = this.#server.track(closer);
+    return () => {
+      this.#closer = undefined;
+      untrack();
+    };
+  }
+
+  /** The handler rejected after taking the connection. */
+  failed(error: unknown): void {
+    if (
+      // Answered with its HTTP error response and reported by the Upgrader.
+      error instanceof HandshakeError ||
+      // The WebSocket ended (the peer closed, broke the protocol or went
+      // away, or it was closed here): how a connection ends, not a bug.
+      error instanceof CloseError || error instanceof ProtocolError ||
+      error instanceof ConnectionClosedError
+    ) return;
+    this.#server.errorResponse(error, this.#request).then(
+      (response) => response.body?.cancel().catch(noop),
+    );
+    this.#closer?.(CLOSE_CODE.InternalServerErr, FAILED_CLOSE_TIMEOUT)
+      .catch(noop);
+  }
 }
 
 /** What the connection knows about the current request body. */
@@ -568,21 +649,23 @@ async function callHandler(
 }
 
 /**
- * Waits for a handler's result until `abandon()`, which settles the wait
- * with undefined. A Response the handler returns after that is never sent,
- * so its body is cancelled; a rejection after that is dropped. A module
- * function, so that the handler's promise references nothing of the
- * connection that abandoned it.
+ * Waits for a handler's result until `abandon()` (the connection was taken
+ * over), which settles the wait with undefined. A Response the handler
+ * returns after that is never sent, so its body is cancelled; a rejection
+ * after that goes to `takeover.failed()`. A module function, so that the
+ * handler's promise references nothing of the connection that abandoned it.
  */
-function abandonable(result: Promise<Response | void>): {
+function abandonable(result: Promise<Response | void>, takeover: Takeover): {
   settled: Promise<Response | void>;
   abandon(): void;
 } {
   const abandoned = Promise.withResolvers<void>();
   let isAbandoned = false;
   result.then((response) => {
-    if (isAbandoned) response?.body?.cancel().catch(() => {});
-  }, () => {});
+    if (isAbandoned) response?.body?.cancel().catch(noop);
+  }, (error) => {
+    if (isAbandoned) takeover.failed(error);
+  });
   return {
     settled: Promise.race([result, abandoned.promise]),
     abandon() {
@@ -940,14 +1023,18 @@ class HttpConnection implements BodySource {
       completed: completed.promise,
     };
     let handling = true;
+    const takeover = new Takeover(this.#server, head);
     registerConnection(request, () => {
       if (!handling || this.#closed || this.#taken) return undefined;
-      return this.#handOver();
+      return this.#handOver(takeover);
     });
     // A handler that serves its WebSocket until it closes would keep this
     // object, its buffers and the request loop alive for as long (several
     // KiB per idle connection): stop waiting once the connection is taken.
-    const wait = abandonable(callHandler(this.#server.handler, request, info));
+    const wait = abandonable(
+      callHandler(this.#server.handler, request, info),
+      takeover,
+    );
     // The handler may have taken it before its first await.
     if (this.#taken) wait.abandon();
     else this.#onTaken = wait.abandon;
@@ -955,7 +1042,7 @@ class HttpConnection implements BodySource {
     try {
       response = await wait.settled;
     } catch (error) {
-      response = this.#taken ? undefined : await this.#failure(error);
+      response = this.#taken ? undefined : await this.#failure(error, head);
     } finally {
       handling = false;
       this.#onTaken = undefined;
@@ -969,6 +1056,7 @@ class HttpConnection implements BodySource {
               ? `Cannot send the response: status ${response.status} needs an upgrade the handler did not do`
               : "Cannot send the response: the handler returned no Response and did not take the connection",
           ),
+          head,
         );
       }
       if (response.type === "error") return false;
@@ -981,7 +1069,7 @@ class HttpConnection implements BodySource {
       this.#responseStarted = true;
       keepAlive = await writeResponse(this.#conn, response, keepAlive, {
         head,
-        fallback: (error) => this.#failure(error),
+        fallback: (error) => this.#failure(error, head),
         onBroken: () => this.#requestAbort?.abort(),
       });
       this.#responseDone = true;
@@ -999,21 +1087,24 @@ class HttpConnection implements BodySource {
     }
   }
 
-  async #failure(error: unknown): Promise<Response> {
+  async #failure(error: unknown, head: RequestHead): Promise<Response> {
     const bodyError = this.#bodyState.error;
     if (bodyError !== undefined) return plainResponse(bodyError.status);
-    return await this.#server.errorResponse(error);
+    return await this.#server.errorResponse(error, head);
   }
 
-  #handOver(): HijackedConnection {
+  #handOver(takeover: Takeover): HijackedConnection {
     this.#taken = true;
     this.#onTaken?.();
-    // `track` must not hold this HttpConnection, which is done with.
-    const server = this.#server;
-    server.forget(this);
+    this.#server.forget(this);
     const head = this.#buffered;
     this.#buffered = new Uint8Array(0);
-    return { conn: this.#conn, head, track: (closer) => server.track(closer) };
+    // `track` must not hold this HttpConnection, which is done with.
+    return {
+      conn: this.#conn,
+      head,
+      track: (closer) => takeover.track(closer),
+    };
   }
 
   /** Reads and drops what is left of a request body, if that is cheap. */

@@ -33,6 +33,7 @@
 
 import {
   CLOSE_CODE,
+  CloseError,
   ConnectionClosedError,
   type DataMessageType,
   formatCloseMessage,
@@ -44,6 +45,8 @@ import {
   type ProtocolError,
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
+import { Keepalive, type KeepaliveTarget } from "./_keepalive.ts";
+import { checkConnSettings } from "./_options.ts";
 import {
   closeAfterFlush,
   closeGracefully,
@@ -200,6 +203,28 @@ export interface ConnOptions {
    * up a compressor costs more than the bytes it saves.
    */
   compressionThreshold?: number;
+  /**
+   * The largest message the peer may send, in bytes (default 0: no limit,
+   * as in gorilla); see {@linkcode Conn.setReadLimit}. The Upgrader and the
+   * Dialer set 16 MiB unless told otherwise.
+   */
+  readLimit?: number;
+  /**
+   * Keepalive: after this many milliseconds in which nothing arrived, send a
+   * ping (default 0: never). When nothing arrives within `pongTimeout` of
+   * the ping either, the peer is taken for gone: a close frame with 1001
+   * (going away) is sent without waiting for an answer, the transport is
+   * closed, and reads reject with a {@linkcode CloseError} of 1006
+   * (abnormal closure). Pongs, like every frame, are read by the
+   * application's reads, so the connection must be read from meanwhile, as
+   * in gorilla.
+   */
+  pingInterval?: number;
+  /**
+   * Milliseconds the peer has to answer a keepalive ping (default: the
+   * `pingInterval`). Any frame counts as an answer.
+   */
+  pongTimeout?: number;
 }
 
 /** Options of {@linkcode Conn.closeGracefully}. */
@@ -234,7 +259,7 @@ const DEFAULT_BUFFER_SIZE = 4096;
 /** Largest frame that must fit the read buffer at once: a control frame. */
 const MAX_CONTROL_FRAME = 14 + MAX_CONTROL_PAYLOAD;
 /** The hooks a Conn gives its reader and writer (made in Conn's static block). */
-let hooksOf: (conn: Conn) => ReaderHooks & WriterHooks;
+let hooksOf: (conn: Conn) => ReaderHooks & WriterHooks & KeepaliveTarget;
 
 /**
  * A WebSocket connection: reads and writes messages over a
@@ -276,6 +301,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   #closeHandler: CloseHandler | undefined;
   #pingHandler: ControlHandler | undefined;
   #pongHandler: ControlHandler | undefined;
+  #keepalive: Keepalive | undefined;
 
   /**
    * Wraps a transport on which the opening handshake is complete.
@@ -284,8 +310,9 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
    * @param options The role and buffer settings.
    * @throws {TypeError} The role is neither `"server"` nor `"client"`, or
    * `compression` is not an object.
-   * @throws {RangeError} A buffer size is not a positive integer, or the
-   * compression threshold is not a non-negative integer.
+   * @throws {RangeError} A buffer size is not a positive integer, the
+   * compression threshold or the read limit is not a non-negative integer,
+   * or a keepalive time is not a valid number of milliseconds.
    */
   constructor(transport: Transport, options: ConnOptions) {
     if (options?.role !== "server" && options?.role !== "client") {
@@ -314,6 +341,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         `Cannot create connection: compressionThreshold must be a non-negative integer, got ${threshold}`,
       );
     }
+    checkConnSettings("Cannot create connection", options);
     const compression = options.compression;
     if (
       compression !== undefined &&
@@ -349,6 +377,14 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
           ? threshold
           : -1,
     }, hooks);
+    if (options.readLimit) this.#reader.setLimit(options.readLimit);
+    if (options.pingInterval) {
+      this.#keepalive = new Keepalive(
+        hooks,
+        options.pingInterval,
+        options.pongTimeout ?? options.pingInterval,
+      );
+    }
   }
 
   /** The subprotocol negotiated in the handshake, `""` when none. */
@@ -1056,6 +1092,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#keepalive?.stop();
     const error = new ConnectionClosedError(
       "Cannot use connection: it was closed",
     );
@@ -1144,7 +1181,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   // Conn holds one small object for them, not a function per hook (~300 B
   // on each idle connection). Declared in here, it reaches private state.
   static {
-    class Hooks implements ReaderHooks, WriterHooks {
+    class Hooks implements ReaderHooks, WriterHooks, KeepaliveTarget {
       readonly #conn: Conn;
 
       constructor(conn: Conn) {
@@ -1184,6 +1221,30 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
 
       uncork() {
         this.#conn.#writer.uncork();
+      }
+
+      get reads() {
+        return this.#conn.#reader.reads;
+      }
+
+      ping() {
+        this.#conn.writeControl(MESSAGE_TYPE.Ping).catch(noop);
+      }
+
+      expired() {
+        const conn = this.#conn;
+        // Reads learn the truth at once; the peer, if it is only slow,
+        // learns why from the close frame, which is not waited for.
+        conn.#reader.close(
+          new CloseError(
+            CLOSE_CODE.AbnormalClosure,
+            "the peer did not answer a keepalive ping in time",
+          ),
+        );
+        failConnection(conn, conn.#writer, {
+          code: CLOSE_CODE.GoingAway,
+          message: "keepalive timeout",
+        });
       }
     }
     hooksOf = (conn) => new Hooks(conn);

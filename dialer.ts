@@ -14,7 +14,12 @@ import {
   type DeflateParameters,
 } from "./deflate.ts";
 import { TOKEN } from "./_http.ts";
-import { closeQuietly, writeAll } from "./_io.ts";
+import { closeQuietly, withContext, writeAll } from "./_io.ts";
+import {
+  checkConnSettings,
+  type ConnSettings,
+  withDefaultReadLimit,
+} from "./_options.ts";
 import { abortable, TimeoutSignal } from "./_deadline.ts";
 import { readResponse, withErrorBody } from "./_response.ts";
 import {
@@ -133,6 +138,20 @@ export interface DialerOptions {
   connect?: ConnectFunction;
   /** Sends and stores cookies; absent means no cookies. */
   cookieJar?: CookieJar;
+  /**
+   * The largest message the server may send, in bytes: a larger one fails
+   * the connection with 1009, and a compressed one is refused once its
+   * inflated size passes the limit. Default 16 MiB; `0` lifts the limit.
+   */
+  readLimit?: number;
+  /**
+   * Keepalive: ping a server that has sent nothing for this many
+   * milliseconds, and drop it when it stays silent `pongTimeout` longer
+   * (see `pingInterval` of `ConnOptions`). Default 0: no keepalive.
+   */
+  pingInterval?: number;
+  /** Milliseconds the server has to answer a keepalive ping (default: `pingInterval`). */
+  pongTimeout?: number;
 }
 
 /** Options for one {@linkcode Dialer.prototype.dial} call. */
@@ -256,6 +275,7 @@ export class Dialer {
   #writeBufferPool: BufferPool | undefined;
   #enableCompression: boolean;
   #compressionThreshold: number | undefined;
+  #connSettings: ConnSettings;
   #subprotocols: string[];
   #caCerts: string[] | undefined;
   #serverName: string | undefined;
@@ -269,10 +289,14 @@ export class Dialer {
    *
    * @param options The dialer's settings.
    * @throws {RangeError} When a timeout or buffer size is negative or not a
-   * number, or the compression threshold is not a non-negative integer.
+   * number, the compression threshold or the read limit is not a
+   * non-negative integer, or a keepalive time is not a valid number of
+   * milliseconds.
    * @throws {TypeError} When a subprotocol is not a token or repeats.
    */
   constructor(options: DialerOptions = {}) {
+    checkConnSettings("Cannot create the dialer", options);
+    this.#connSettings = withDefaultReadLimit(options);
     this.#handshakeTimeout = checkSize(
       "handshakeTimeout",
       options.handshakeTimeout,
@@ -386,6 +410,7 @@ export class Dialer {
         writeBufferPool: this.#writeBufferPool,
         compression,
         compressionThreshold: this.#compressionThreshold,
+        ...this.#connSettings,
       });
       transport = undefined; // the Conn owns it now
       return { conn, response };
@@ -491,9 +516,12 @@ export class Dialer {
   ): Promise<Deno.Conn> {
     const proxy = await this.#proxyFor(target, signal);
     const address = addressOf(target);
+    // No query: it may carry a token, and errors end up in logs.
+    const dialing =
+      `Cannot dial ${target.protocol}//${target.host}${target.pathname}`;
     let conn: Deno.Conn;
     if (proxy === null) {
-      conn = await this.#open(address, signal);
+      conn = await this.#open(address, signal, dialing);
       hold(conn);
     } else {
       if (proxy.protocol === "https:" && target.protocol === "wss:") {
@@ -501,7 +529,11 @@ export class Dialer {
           "Cannot dial a wss: URL through an https: proxy: Deno cannot run TLS inside a TLS connection",
         );
       }
-      conn = await this.#open(addressOf(proxy), signal);
+      conn = await this.#open(
+        addressOf(proxy),
+        signal,
+        `${dialing} through the proxy ${redact(proxy)}`,
+      );
       hold(conn);
       if (proxy.protocol === "https:") {
         conn = await startTls(conn, unbracket(proxy.hostname), {
@@ -517,11 +549,15 @@ export class Dialer {
       }
     }
     if (target.protocol === "wss:") {
-      conn = await startTls(
-        conn,
-        this.#serverName ?? unbracket(target.hostname),
-        { caCerts: this.#caCerts, signal, hold },
-      );
+      try {
+        conn = await startTls(
+          conn,
+          this.#serverName ?? unbracket(target.hostname),
+          { caCerts: this.#caCerts, signal, hold },
+        );
+      } catch (error) {
+        throw withContext(error, `${dialing}: the TLS handshake failed`);
+      }
     }
     return conn;
   }
@@ -541,12 +577,17 @@ export class Dialer {
   async #open(
     address: ConnectAddress,
     signal: AbortSignal,
+    context: string,
   ): Promise<Deno.Conn> {
     const connecting = this.#connect(address, { signal }).then((conn) => {
       if (signal.aborted) closeQuietly(conn);
       return conn;
     });
-    return await abortable(connecting, signal);
+    try {
+      return await abortable(connecting, signal);
+    } catch (error) {
+      throw withContext(error, context);
+    }
   }
 }
 

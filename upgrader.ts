@@ -41,10 +41,11 @@
 import { type BufferPool, Conn, type Transport } from "./conn.ts";
 import { negotiateDeflate } from "./deflate.ts";
 import { CLOSE_CODE } from "./frame.ts";
-import { takeConnection } from "./_hijack.ts";
+import { type HijackedConnection, takeConnection } from "./_hijack.ts";
 import { closeQuietly, lingeringClose, writeAll } from "./_io.ts";
 import {
   computeAcceptKey,
+  HandshakeError,
   headerHasToken,
   isValidKey,
   parseTokenList,
@@ -56,8 +57,10 @@ import {
   requestFromNode,
 } from "./_node.ts";
 import { STATUS_TEXT, TOKEN } from "./_http.ts";
+import { checkConnSettings, withDefaultReadLimit } from "./_options.ts";
 
 export * from "./_serve.ts";
+export { HandshakeError } from "./_handshake.ts";
 export type { NodeRequest, NodeSocket } from "./_node.ts";
 
 /** Headers of the 101 the Upgrader controls, which the application may not set. */
@@ -69,54 +72,6 @@ const RESERVED_HEADERS = [
   "content-length",
   "transfer-encoding",
 ];
-
-/**
- * The opening handshake was refused: the request is not an acceptable
- * WebSocket handshake (or the application set `Sec-WebSocket-Extensions`).
- * By the time the upgrade rejects with it, the error response has been
- * written to the client and the connection closed.
- *
- * @example Catching a refused handshake
- * ```ts title="Catching a refused handshake"
- * import assert from "node:assert/strict";
- * import { HandshakeError, serve, Upgrader } from "@denows/websocket/upgrader";
- *
- * const upgrader = new Upgrader();
- * const refused = Promise.withResolvers<unknown>();
- * const server = serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
- *   try {
- *     await upgrader.upgrade(request);
- *   } catch (error) {
- *     refused.resolve(error);
- *   }
- * });
- *
- * // A plain GET is no WebSocket handshake.
- * const response = await fetch(`http://127.0.0.1:${server.addr.port}/`);
- * assert.equal(response.status, 400);
- * assert.equal(await response.text(), "Bad Request\n");
- * const error = await refused.promise;
- * assert.ok(error instanceof HandshakeError);
- * assert.equal(error.status, 400);
- * await server.shutdown();
- * ```
- */
-export class HandshakeError extends Error {
-  /** The HTTP status of the error response (gorilla's statuses). */
-  readonly status: number;
-
-  /**
-   * Creates a handshake error.
-   *
-   * @param message What went wrong, in sentence case.
-   * @param options `status`: the HTTP status sent; `cause`: the underlying error.
-   */
-  constructor(message: string, options: { status: number; cause?: unknown }) {
-    super(message, { cause: options.cause });
-    this.name = "HandshakeError";
-    this.status = options.status;
-  }
-}
 
 /** Options for {@linkcode Upgrader}, after gorilla's `Upgrader` fields. */
 export interface UpgraderOptions {
@@ -172,6 +127,29 @@ export interface UpgraderOptions {
    * uncompressed (default 256; `0` compresses everything).
    */
   compressionThreshold?: number;
+  /**
+   * The largest message a client may send, in bytes: a larger one fails the
+   * connection with 1009 (message too big), and a compressed one is refused
+   * once its inflated size passes the limit. Default 16 MiB (gorilla has
+   * none; ws allows 100 MiB, Bun 16 MiB); `0` lifts the limit, as does
+   * `conn.setReadLimit(0)` on one connection.
+   */
+  readLimit?: number;
+  /**
+   * Keepalive: ping a client that has sent nothing for this many
+   * milliseconds, and drop it when it stays silent `pongTimeout` longer
+   * (see `pingInterval` of `ConnOptions`). Default 0: no keepalive.
+   */
+  pingInterval?: number;
+  /** Milliseconds a client has to answer a keepalive ping (default: `pingInterval`). */
+  pongTimeout?: number;
+  /**
+   * Log every refused handshake to stderr with `console.warn`: the status,
+   * the reason, the request's method and path and the client's address, so
+   * an operator can see why clients fail (default true). The `error`
+   * option sees each refusal either way.
+   */
+  logRefusals?: boolean;
 }
 
 /** Options for {@linkcode Upgrader.upgradeConnection} and {@linkcode Upgrader.upgradeNode}. */
@@ -190,7 +168,7 @@ interface Handover {
   transport: Transport & { closeWrite?(): Promise<void> };
   head: Uint8Array;
   /** serve()'s shutdown registry; returns the closer's unregister. */
-  track?: (closer: (timeoutMs: number) => Promise<void>) => () => void;
+  track?: HijackedConnection["track"];
 }
 
 /**
@@ -211,7 +189,7 @@ class UntrackOnClose implements Transport {
     track: NonNullable<Handover["track"]>,
   ) {
     this.#inner = inner;
-    this.#untrack = track((timeoutMs) => this.#shutdown(timeoutMs));
+    this.#untrack = track((code, timeoutMs) => this.#close(code, timeoutMs));
   }
 
   get localAddr(): Deno.Addr | undefined {
@@ -248,18 +226,19 @@ class UntrackOnClose implements Transport {
   }
 
   /**
-   * Graceful shutdown: mid-handshake just closes the socket, afterwards
-   * closes the WebSocket with 1001; the answer to a message being handled
-   * goes out before the close frame.
+   * serve()'s closer: mid-handshake just closes the socket, afterwards
+   * closes the WebSocket with `code`. On shutdown (1001) the answer to a
+   * message being handled goes out before the close frame; a failed handler
+   * (1011) will answer nothing more.
    */
-  #shutdown(timeoutMs: number): Promise<void> {
+  #close(code: number, timeoutMs: number): Promise<void> {
     if (this.conn === undefined) {
       closeQuietly(this);
       return Promise.resolve();
     }
-    return this.conn.closeGracefully(CLOSE_CODE.GoingAway, "", {
+    return this.conn.closeGracefully(code, "", {
       timeout: timeoutMs,
-      afterCurrentMessage: true,
+      afterCurrentMessage: code === CLOSE_CODE.GoingAway,
     });
   }
 }
@@ -301,10 +280,11 @@ export class Upgrader {
    * @throws {TypeError} If a subprotocol is not an RFC 9110 token, or a
    * callback is not a function.
    * @throws {RangeError} If a buffer size is not a positive integer, the
-   * compression threshold is not a non-negative integer, or the handshake
-   * timeout is negative or not finite.
+   * compression threshold or the read limit is not a non-negative integer,
+   * or the handshake timeout or a keepalive time is negative or not finite.
    */
   constructor(options: UpgraderOptions = {}) {
+    checkConnSettings("Cannot create the Upgrader", options);
     const threshold = options.compressionThreshold;
     if (
       threshold !== undefined &&
@@ -360,7 +340,11 @@ export class Upgrader {
         "Cannot create the Upgrader: writeBufferPool must have get() and put() methods",
       );
     }
-    this.#options = { ...options, subprotocols: options.subprotocols?.slice() };
+    this.#options = {
+      ...options,
+      ...withDefaultReadLimit(options),
+      subprotocols: options.subprotocols?.slice(),
+    };
   }
 
   /**
@@ -574,6 +558,12 @@ export class Upgrader {
         `Cannot upgrade the connection: the ${request.method} request cannot be represented as a web Request`,
         { status: request.method === "GET" ? 400 : 405 },
       );
+      this.#logRefusal(
+        error,
+        request.method ?? "",
+        request.url ?? "",
+        transport,
+      );
       return this.#respond(transport, defaultErrorResponse(error, null))
         .then(() => Promise.reject(error));
     }
@@ -700,6 +690,9 @@ export class Upgrader {
       writeBufferPool: this.#options.writeBufferPool,
       compression: deflate?.parameters,
       compressionThreshold: this.#options.compressionThreshold,
+      readLimit: this.#options.readLimit,
+      pingInterval: this.#options.pingInterval,
+      pongTimeout: this.#options.pongTimeout,
     } as const;
     let conn: Conn;
     try {
@@ -761,6 +754,12 @@ export class Upgrader {
     request: Request,
     error: HandshakeError,
   ): Promise<never> {
+    this.#logRefusal(
+      error,
+      request.method,
+      new URL(request.url).pathname,
+      transport,
+    );
     let response: Response;
     if (this.#options.error === undefined) {
       response = defaultErrorResponse(error, request);
@@ -782,6 +781,25 @@ export class Upgrader {
     }
     await this.#respond(transport, withRequiredHeaders(response, error.status));
     throw error;
+  }
+
+  /** Tells the operator why a client was refused, unless told not to. */
+  #logRefusal(
+    error: HandshakeError,
+    method: string,
+    path: string,
+    transport: Transport,
+  ): void {
+    if (this.#options.logRefusals === false) return;
+    const from = transport.remoteAddr as Deno.NetAddr | undefined;
+    const client = from?.hostname === undefined
+      ? ""
+      : ` from ${from.hostname}:${from.port}`;
+    console.warn(
+      `WebSocket handshake refused with ${error.status} for ${method} ${
+        path.split("?", 1)[0]
+      }${client}: ${error.message}`,
+    );
   }
 
   /**

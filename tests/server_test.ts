@@ -1116,15 +1116,15 @@ Deno.test("takeConnection() is refused once the handler has answered", async () 
   assert.equal(takeConnection(request), undefined);
 });
 
-Deno.test("shutdown({ closeWebSockets }) calls tracked closers with the timeout, and only tracked ones", async () => {
-  const calls: number[] = [];
+Deno.test("shutdown({ closeWebSockets }) calls tracked closers with 1001 and the timeout, and only tracked ones", async () => {
+  const calls: [number, number][] = [];
   const taken: Deno.Conn[] = [];
   const server = start((request) => {
     const connection = takeConnection(request)!;
     taken.push(connection.conn);
     const path = new URL(request.url).pathname;
-    const untrack = connection.track((timeoutMs) => {
-      calls.push(timeoutMs);
+    const untrack = connection.track((code, timeoutMs) => {
+      calls.push([code, timeoutMs]);
       connection.conn.close();
       return Promise.resolve();
     });
@@ -1141,7 +1141,7 @@ Deno.test("shutdown({ closeWebSockets }) calls tracked closers with the timeout,
   }
   while (taken.length < 2) await delay(5);
   await server.shutdown({ closeWebSockets: true, timeout: 1234 });
-  assert.deepEqual(calls, [1234]);
+  assert.deepEqual(calls, [[1001, 1234]]);
   for (const client of clients) {
     assert.ok(await client.closedByServer());
     client.close();
@@ -1151,13 +1151,13 @@ Deno.test("shutdown({ closeWebSockets }) calls tracked closers with the timeout,
 Deno.test("shutdown({ closeWebSockets }) also closes a connection upgraded while it runs", async () => {
   const release = Promise.withResolvers<void>();
   const entered = Promise.withResolvers<void>();
-  const closed: number[] = [];
+  const closed: [number, number][] = [];
   const server = start(async (request) => {
     entered.resolve();
     await release.promise;
     const connection = takeConnection(request)!;
-    connection.track((timeoutMs) => {
-      closed.push(timeoutMs);
+    connection.track((code, timeoutMs) => {
+      closed.push([code, timeoutMs]);
       connection.conn.close();
       return Promise.resolve();
     });
@@ -1168,7 +1168,7 @@ Deno.test("shutdown({ closeWebSockets }) also closes a connection upgraded while
   const stopping = server.shutdown({ closeWebSockets: true, timeout: 777 });
   release.resolve();
   await stopping;
-  assert.deepEqual(closed, [777]);
+  assert.deepEqual(closed, [[1001, 777]]);
   assert.ok(await client.closedByServer());
   client.close();
 });

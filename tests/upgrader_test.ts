@@ -15,7 +15,7 @@ import {
   type Transport,
 } from "../conn.ts";
 import { MESSAGE_TYPE } from "../frame.ts";
-import { registerConnection } from "../_hijack.ts";
+import { type Closer, registerConnection } from "../_hijack.ts";
 import { parseRequestHead, parseResponseHead, readHead } from "../_http.ts";
 import { NodeTransport } from "../_node.ts";
 import {
@@ -1153,7 +1153,7 @@ Deno.test("upgrade() registers a 1001 closer with serve() and unregisters it whe
   const response = await readHead(client, { maxHeadBytes: 16384 });
   assert.ok(response !== null);
   // The closer sends close 1001 and, with no answer, gives up at its timeout.
-  await closers[0](50);
+  await closers[0](1001, 50);
   assert.equal(conn.closed, true);
   assert.ok(state.unregistered >= 1);
   const frame = await readAll(client);
@@ -1207,7 +1207,7 @@ async function registeredConnection(request: Request) {
   });
   const tcp = await listener.accept();
   listener.close();
-  const closers: ((timeoutMs: number) => Promise<void>)[] = [];
+  const closers: Closer[] = [];
   const state = { unregistered: 0 };
   registerConnection(request, () => ({
     conn: tcp,
@@ -1228,7 +1228,7 @@ Deno.test("upgrade() lets serve()'s shutdown close a connection still in its han
   const upgrading = upgrader.upgrade(request);
   await new Promise((resolve) => setTimeout(resolve, 0));
   assert.equal(closers.length, 1);
-  await closers[0](1000);
+  await closers[0](1001, 1000);
   assert.equal(state.unregistered, 1);
   origin.resolve(true);
   await assert.rejects(upgrading, Deno.errors.BadResource);
