@@ -13,7 +13,8 @@ import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
 import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
-import { clientFrame, FrameReader, OP, parseClose } from "./_frames.ts";
+import zlib from "node:zlib";
+import { clientFrame, frame, FrameReader, OP, parseClose } from "./_frames.ts";
 import { Sessions } from "./_helpers.ts";
 
 const encoder = new TextEncoder();
@@ -106,7 +107,11 @@ class Client {
 }
 
 /** Opens a WebSocket by hand and returns the raw socket after the 101. */
-async function rawUpgrade(port: number, path: string): Promise<Deno.TcpConn> {
+async function rawUpgrade(
+  port: number,
+  path: string,
+  extensions?: string,
+): Promise<Deno.TcpConn> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
   const key = btoa(
     String.fromCharCode(...crypto.getRandomValues(new Uint8Array(16))),
@@ -114,6 +119,7 @@ async function rawUpgrade(port: number, path: string): Promise<Deno.TcpConn> {
   await conn.write(encoder.encode(
     `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\n` +
       `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\n` +
+      (extensions ? `Sec-WebSocket-Extensions: ${extensions}\r\n` : "") +
       `Sec-WebSocket-Version: 13\r\n\r\n`,
   ));
   let head = "";
@@ -155,24 +161,90 @@ function bytesOf(message: string | ArrayBuffer): Uint8Array {
   return new Uint8Array(message);
 }
 
+const MiB = 1024 * 1024;
+
+/** A loopback port nothing listens on. */
+function closedPort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close();
+  return port;
+}
+
 /** The example tasks of deno.json, e.g. `deno run --allow-net ... server.ts`. */
 const TASKS: Record<string, string> = JSON.parse(
   await Deno.readTextFile(new URL("../deno.json", import.meta.url)),
 ).tasks;
 
 /**
- * Runs an example program the way its `deno task` does (same permissions),
- * on port 0, and waits for the URL it prints.
+ * The files the examples need (the library, deno.json, examples/) copied to a new directory, as a fresh clone has them: without
+ * the node_modules/ the tests' npm packages leave in this checkout.
+ */
+async function freshCheckout(): Promise<string> {
+  const dir = await Deno.makeTempDir();
+  const copy = async (from: URL, to: string, pick: RegExp) => {
+    await Deno.mkdir(to, { recursive: true });
+    for await (const entry of Deno.readDir(from)) {
+      if (entry.isDirectory && from.pathname.includes("/examples/")) {
+        await copy(
+          new URL(`${entry.name}/`, from),
+          `${to}/${entry.name}`,
+          pick,
+        );
+      } else if (entry.isFile && pick.test(entry.name)) {
+        await Deno.copyFile(new URL(entry.name, from), `${to}/${entry.name}`);
+      }
+    }
+  };
+  const root = new URL("../", import.meta.url);
+  await copy(root, dir, /\.ts$|^deno\.json$/);
+  await copy(new URL("examples/", root), `${dir}/examples`, /./);
+  return dir;
+}
+
+/**
+ * Runs an example with `deno task`, on port 0, and waits for the URL it
+ * prints. As on a fresh machine with no npm registry: a fresh checkout, an
+ * empty Deno cache, and a registry address where nothing listens. An
+ * example needs none of them.
  */
 async function runTask(name: string, args: string[]) {
-  const [deno, ...taskArgs] = TASKS[name].split(" ");
-  assert.equal(deno, "deno");
+  assert.ok(name in TASKS, `no task ${name}`);
+  const checkout = await freshCheckout();
+  const program = await startProgram(
+    ["task", "--quiet", name, "--port", "0", ...args],
+    {
+      cwd: checkout,
+      env: {
+        DENO_DIR: `${checkout}/.deno`,
+        NPM_CONFIG_REGISTRY: `http://127.0.0.1:${closedPort()}/`,
+      },
+    },
+  );
+  return {
+    ...program,
+    async stop(): Promise<string> {
+      const stderr = await program.stop();
+      await Deno.remove(checkout, { recursive: true });
+      return stderr;
+    },
+  };
+}
+
+/**
+ * Runs `deno <args>` until it prints a URL; `pid` is the process's own
+ * (for /proc), and `stop()` ends it with SIGTERM and returns its stderr.
+ */
+async function startProgram(
+  args: string[],
+  options: { cwd?: string | URL; env?: Record<string, string> } = {},
+) {
   const child = new Deno.Command(Deno.execPath(), {
-    args: [...taskArgs, "--port", "0", ...args],
-    cwd: new URL("..", import.meta.url),
+    args,
+    cwd: options.cwd ?? new URL("..", import.meta.url),
     stdout: "piped",
     stderr: "piped",
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", ...options.env },
   }).spawn();
   const stderr = new Response(child.stderr).text();
   const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
@@ -184,7 +256,9 @@ async function runTask(name: string, args: string[]) {
       await stdout.cancel();
       const status = await child.status;
       assert.fail(
-        `${name} exited (${status.code}) before printing its URL: ${await stderr}`,
+        `deno ${
+          args.join(" ")
+        } exited (${status.code}) before printing its URL: ${await stderr}`,
       );
     }
     printed += value;
@@ -194,6 +268,7 @@ async function runTask(name: string, args: string[]) {
   return {
     url,
     printed,
+    pid: child.pid,
     /** Stops the program (SIGTERM) and returns what it wrote to stderr. */
     async stop(): Promise<string> {
       child.kill("SIGTERM");
@@ -295,6 +370,82 @@ Deno.test("echo server with compress negotiates permessage-deflate", async () =>
   await server.shutdown();
 });
 
+Deno.test("echo server refuses decompression bombs with 1009, and its memory comes back", async () => {
+  // The program itself, so that its RSS is the server's alone.
+  const [, ...run] = TASKS.echo.split(" ");
+  const program = await startProgram([...run, "--port", "0", "--compress"]);
+  const port = Number(program.url.port);
+  const rss = async () =>
+    Number(
+      /VmRSS:\s+(\d+) kB/.exec(
+        await Deno.readTextFile(`/proc/${program.pid}/status`),
+      )![1],
+    ) * 1024;
+  // Warm up (JIT, buffers, an inflater) with one ordinary compressed echo.
+  const { conn } = await new Dialer({ enableCompression: true })
+    .dial(`ws://127.0.0.1:${port}/`);
+  await conn.writeMessage(MESSAGE_TYPE.Text, "x".repeat(4096));
+  await conn.readMessage();
+  await conn.closeGracefully();
+  const baseline = await rss();
+  // Three clients at once, each with 256 MiB of zeros deflated to ~256 KiB.
+  const bomb = await deflatedZeros(256);
+  const codes = await Promise.all([0, 1, 2].map(async () => {
+    const socket = await rawUpgrade(
+      port,
+      "/",
+      "permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+    );
+    const mask = crypto.getRandomValues(new Uint8Array(4));
+    // The server hangs up midway: the rest of the write fails.
+    const sending = writeAll(
+      socket,
+      frame({ opcode: OP.binary, rsv1: true, payload: bomb, mask }),
+    ).catch(() => {});
+    const code = await readCloseCode(socket);
+    await sending;
+    socket.close();
+    return code;
+  }));
+  assert.deepEqual(codes, [1009, 1009, 1009]);
+  const after = await rss();
+  console.log(
+    `echo server RSS: ${(baseline / MiB).toFixed(1)} MiB before three ` +
+      `256 MiB bombs, ${(after / MiB).toFixed(1)} MiB after`,
+  );
+  assert.ok(
+    after - baseline < 64 * MiB,
+    `RSS grew by ${((after - baseline) / MiB).toFixed(1)} MiB`,
+  );
+  assert.equal(
+    await program.stop(),
+    "echo: Cannot read message: it exceeds the read limit of 4194304 bytes (closed with 1009)\n"
+      .repeat(3),
+  );
+});
+
+/** `mib` MiB of zeros deflated (raw, as permessage-deflate sends them). */
+async function deflatedZeros(mib: number): Promise<Uint8Array> {
+  // Built by zlib in a stream, so the test never holds the inflated bytes.
+  const deflater = zlib.createDeflateRaw();
+  const parts: Uint8Array<ArrayBuffer>[] = [];
+  deflater.on("data", (chunk: Uint8Array) => parts.push(new Uint8Array(chunk)));
+  const zeros = new Uint8Array(MiB);
+  for (let i = 0; i < mib; i++) deflater.write(zeros);
+  await new Promise<void>((resolve) =>
+    deflater.flush(zlib.constants.Z_SYNC_FLUSH, () => resolve())
+  );
+  deflater.close();
+  const all = new Uint8Array(await new Blob(parts).arrayBuffer());
+  return all.subarray(0, all.length - 4); // RFC 7692 section 7.2.1: no tail
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
 // chat
 
 Deno.test("chat broadcasts each line to every client, newlines flattened", async () => {
@@ -341,24 +492,21 @@ Deno.test("chat pings its clients and drops one that stops answering", async () 
   const sessions = new Sessions();
   const { server, hub } = startChat({
     port: 0,
-    pongWait: 1000,
-    pingPeriod: 200,
+    pingInterval: 200,
+    pongTimeout: 800,
     onConnection: sessions.onConnection,
   });
   // A browser answers pings by itself and stays.
   const browser = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);
-  // A raw socket that never answers is gone after pongWait.
+  // A raw socket that never answers is gone after a ping and its timeout.
   const silent = await rawUpgrade(server.addr.port, "/ws");
   await until(() => hub.size === 2);
   const start = Date.now();
   await until(() => hub.size === 1);
-  assert.ok(Date.now() - start >= 900, "dropped before pongWait");
-  assert.equal(
-    await readCloseCode(silent),
-    undefined,
-    "no close frame expected",
-  );
-  // Another pongWait later the browser, which answers pings, is still there.
+  assert.ok(Date.now() - start >= 900, "dropped before the pong timeout");
+  // It was told why: 1001, going away.
+  assert.equal(await readCloseCode(silent), 1001);
+  // Another second later the browser, which answers pings, is still there.
   await new Promise((resolve) => setTimeout(resolve, 1000));
   assert.equal(hub.size, 1);
   browser.ws.send("still here");
@@ -517,14 +665,14 @@ Deno.test("filewatch pushes the file on connect and whenever it changes", async 
   await Deno.remove(dir, { recursive: true });
 });
 
-Deno.test("chat and filewatch refuse a pingPeriod that is not under pongWait", () => {
+Deno.test("chat and filewatch refuse keepalive timings that cannot work", () => {
   // Checked before listening: nothing is bound, so nothing needs closing.
   assert.throws(
-    () => startChat({ port: 0, pongWait: 1000, pingPeriod: 1000 }),
+    () => startChat({ port: 0, pongTimeout: 0 }),
     {
       name: "RangeError",
       message:
-        "Cannot start the chat: pingPeriod (1000 ms) must be less than pongWait (1000 ms)",
+        "Cannot create the Upgrader: pongTimeout must be a finite number of milliseconds > 0, got 0",
     },
   );
   assert.throws(

@@ -9,9 +9,10 @@
  *   there are;
  * - each client has a read loop (the only reader of its connection) and a
  *   write loop (the only writer) fed by a bounded queue;
- * - the write loop pings every `pingPeriod`; the read loop's deadline is
- *   pushed back by every pong, so a peer that vanishes without a FIN is
- *   noticed within `pongWait`;
+ * - the Upgrader's keepalive pings a client that has been silent for
+ *   `pingInterval` and drops it when it stays silent `pongTimeout` longer,
+ *   so a peer that vanishes without a FIN is noticed (gorilla's example
+ *   writes this loop by hand);
  * - a client whose queue is full is dropped instead of slowing the others.
  *
  * ```sh
@@ -35,22 +36,23 @@ import { parseServerArgs } from "../_cli.ts";
 import {
   type ConnectionHook,
   deadline,
-  keepalive,
-  type KeepaliveOptions,
   listen,
   type ListenOptions,
   servePage,
 } from "../_shared.ts";
 
-/**
- * Timing and size limits of a chat server; every field has gorilla's default
- * (the keepalive timings: 10 s, 60 s and 54 s).
- */
-export interface ChatOptions extends KeepaliveOptions {
+/** Timing and size limits of a chat server, with gorilla's defaults. */
+export interface ChatOptions {
   /** Largest message accepted from a client, in bytes (default 512). */
   maxMessageSize?: number;
   /** Messages queued for a client before it counts as too slow (default 256). */
   sendQueueSize?: number;
+  /** Time allowed to write one message, in ms (default 10 s). */
+  writeWait?: number;
+  /** Silence after which a client is pinged, in ms (default 54 s). */
+  pingInterval?: number;
+  /** Time a pinged client has to answer, in ms (default 6 s). */
+  pongTimeout?: number;
 }
 
 /** Options for {@linkcode createHandler}. */
@@ -62,10 +64,13 @@ export interface StartOptions extends HandlerOptions, ListenOptions {}
 type Limits = Required<ChatOptions>;
 
 function limits(options: ChatOptions): Limits {
+  // gorilla's timings: a ping every 54 s, a pong within 60 s of the last.
   return {
-    ...keepalive(options, "chat"),
     maxMessageSize: options.maxMessageSize ?? 512,
     sendQueueSize: options.sendQueueSize ?? 256,
+    writeWait: options.writeWait ?? 10_000,
+    pingInterval: options.pingInterval ?? 54_000,
+    pongTimeout: options.pongTimeout ?? 6_000,
   };
 }
 
@@ -127,7 +132,6 @@ export class Client {
   #limits: Limits;
   #queue: PreparedMessage[] = [];
   #wake: (() => void) | undefined;
-  #pingDue = false;
   #dropped = false;
   #done = false;
 
@@ -137,7 +141,6 @@ export class Client {
    * @param hub The hub it joins.
    * @param conn Its connection.
    * @param options Its limits.
-   * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
    */
   constructor(hub: Hub, conn: Conn, options: ChatOptions = {}) {
     this.#hub = hub;
@@ -188,14 +191,10 @@ export class Client {
     wake?.();
   }
 
-  // The only reader of the connection. Each pong pushes the read deadline
-  // back; a peer that stops answering pings fails the read after pongWait.
+  // The only reader of the connection; it also reads the pongs that keep
+  // the connection alive (a peer that stops answering fails the read).
   async #readLoop(): Promise<void> {
     const conn = this.#conn;
-    const { pongWait, maxMessageSize } = this.#limits;
-    conn.setReadLimit(maxMessageSize);
-    conn.setReadDeadline(deadline(pongWait));
-    conn.setPongHandler(() => conn.setReadDeadline(deadline(pongWait)));
     try {
       for (;;) {
         const { data } = await conn.readMessage();
@@ -223,15 +222,11 @@ export class Client {
     }
   }
 
-  // The only writer of the connection: queued broadcasts, pings, and the
-  // close frame when the hub drops the client.
+  // The only writer of data: queued broadcasts, and the close frame when
+  // the hub drops the client.
   async #writeLoop(): Promise<void> {
     const conn = this.#conn;
-    const { writeWait, pingPeriod } = this.#limits;
-    const ticker = setInterval(() => {
-      this.#pingDue = true;
-      this.#signal();
-    }, pingPeriod);
+    const { writeWait } = this.#limits;
     try {
       while (!this.#done) {
         if (this.#dropped) {
@@ -242,17 +237,11 @@ export class Client {
           );
           return;
         }
-        if (this.#pingDue) {
-          this.#pingDue = false;
-          await conn.writeControl(MESSAGE_TYPE.Ping, new Uint8Array(), {
-            deadline: deadline(writeWait),
-          });
-        }
         const message = this.#queue.shift();
         if (message !== undefined) {
           conn.setWriteDeadline(deadline(writeWait));
           await conn.writePreparedMessage(message);
-        } else if (!this.#pingDue && !this.#dropped && !this.#done) {
+        } else if (!this.#dropped && !this.#done) {
           await new Promise<void>((resolve) => this.#wake = resolve);
         }
       }
@@ -260,7 +249,6 @@ export class Client {
       // A failed write ends the client; closing the connection below ends
       // the read loop too.
     } finally {
-      clearInterval(ticker);
       this.#done = true;
       conn.close();
     }
@@ -276,14 +264,18 @@ const page = new URL("./home.html", import.meta.url);
  * @param hub The hub every client joins.
  * @param options Limits and the connection hook.
  * @returns A handler for `serve()`.
- * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
+ * @throws {RangeError} If a limit is not a valid size or time.
  */
 export function createHandler(
   hub: Hub,
   options: HandlerOptions = {},
 ): ServeHandler {
-  limits(options); // fail at start-up, not on the first connection
-  const upgrader = new Upgrader();
+  const { maxMessageSize, pingInterval, pongTimeout } = limits(options);
+  const upgrader = new Upgrader({
+    readLimit: maxMessageSize,
+    pingInterval,
+    pongTimeout,
+  });
   return async (request) => {
     const { pathname } = new URL(request.url);
     if (pathname === "/ws") {
@@ -301,7 +293,7 @@ export function createHandler(
  *
  * @param options Where to listen, limits and the connection hook.
  * @returns The running server (`shutdown()` stops it) and its hub.
- * @throws {RangeError} If `pingPeriod` is not less than `pongWait`.
+ * @throws {RangeError} If a limit is not a valid size or time.
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
  */
 export function startServer(

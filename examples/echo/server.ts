@@ -19,6 +19,7 @@ import {
   type Conn,
   isCloseError,
   isWebSocketUpgrade,
+  ProtocolError,
   type ServeHandler,
   type Server,
   Upgrader,
@@ -43,8 +44,16 @@ export interface StartOptions extends EchoOptions, ListenOptions {}
 const page = new URL("./index.html", import.meta.url);
 
 /**
+ * The largest message echoed, in bytes: room for the benchmarks' 1 MiB
+ * messages, and a bound on what one client (or one decompression bomb) can
+ * make the server hold.
+ */
+export const READ_LIMIT = 4 * 1024 * 1024;
+
+/**
  * Echoes every message on `conn` until the connection ends, then closes it.
- * A close from the peer is the normal end; anything else is logged.
+ * A close from the peer is the normal end; anything else is logged (a
+ * protocol error or a message over the read limit in one line).
  *
  * @param conn A server connection.
  * @returns Settles when the connection has ended; never rejects.
@@ -56,7 +65,11 @@ export async function echo(conn: Conn): Promise<void> {
       await conn.writeMessage(type, data);
     }
   } catch (error) {
-    if (!isCloseError(error)) console.error("echo:", error);
+    // A peer that broke the protocol or a limit was told why in the close
+    // frame; one line says so here.
+    if (error instanceof ProtocolError) {
+      console.error(`echo: ${error.message} (closed with ${error.code})`);
+    } else if (!isCloseError(error)) console.error("echo:", error);
   } finally {
     conn.close();
   }
@@ -73,7 +86,10 @@ export async function echo(conn: Conn): Promise<void> {
 export function createHandler(
   options: EchoOptions = {},
 ): ServeHandler {
-  const upgrader = new Upgrader({ enableCompression: options.compress });
+  const upgrader = new Upgrader({
+    enableCompression: options.compress,
+    readLimit: READ_LIMIT,
+  });
   return async (request) => {
     if (isWebSocketUpgrade(request)) {
       const conn = await upgrader.upgrade(request);
