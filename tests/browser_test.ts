@@ -1,9 +1,11 @@
 // The chat and echo examples in a real browser: headless Chromium (Debian's
 // package) driven through npm:playwright-core. CI installs Chromium, so a
 // missing one fails these tests with a message saying so instead of skipping.
+// playwright-core is imported by inline specifier, like every test-only npm
+// package (see _ws.ts), so that the examples start without npm access.
+// deno-lint-ignore-file no-import-prefix
 import assert from "node:assert/strict";
-// A test-only dependency; the library itself has none.
-import * as playwright from "playwright-core";
+import * as playwright from "npm:playwright-core@1";
 import { startServer as startChat } from "../examples/chat/server.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";

@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
-import NodeWebSocket, { WebSocketServer } from "ws";
+import { NodeWebSocket, WebSocketServer } from "./_ws.ts";
 import {
   CloseError,
   Conn,

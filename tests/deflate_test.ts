@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
-import NodeWebSocket, { WebSocketServer } from "ws";
+import { NodeWebSocket, WebSocketServer } from "./_ws.ts";
 import { computeAcceptKey } from "../_handshake.ts";
 import { encodeHeader, mask, OPCODE, parseHeader } from "../frame.ts";
 import {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { WebSocketServer } from "ws";
+import { WebSocketServer } from "./_ws.ts";
 import {
   BadHandshakeError,
   type CookieJar,

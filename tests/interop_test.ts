@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import type { Buffer } from "node:buffer";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
-import NodeWebSocket from "ws";
+import { NodeWebSocket } from "./_ws.ts";
 import { CloseError, type Conn } from "../conn.ts";
 import { serve, Upgrader } from "../upgrader.ts";
 import { pattern, textOf } from "./_helpers.ts";
