@@ -23,6 +23,7 @@ import { maskInPlace } from "./_mask.ts";
 import {
   compressedPayloadOf,
   compressMessage,
+  type DeflateSettings,
   FragmentCompressor,
 } from "./_deflate_stream.ts";
 
@@ -295,6 +296,8 @@ export interface WriterOptions {
   pool: BufferPool | undefined;
   /** Compress data messages from this size; -1: never (not negotiated). */
   compressionThreshold: number;
+  /** How to compress, when the threshold allows it. */
+  deflate: DeflateSettings | undefined;
 }
 
 /** What the writer asks of the rest of the connection. */
@@ -313,6 +316,8 @@ export class Writer {
   readonly #hooks: WriterHooks;
   /** Written messages are compressed when the extension allows it. */
   compressWrites = true;
+  /** How written messages are compressed (the level can change). */
+  deflate: DeflateSettings | undefined;
   /**
    * The reader is working through frames already buffered: frames written
    * meanwhile wait for it (see {@linkcode Writer.uncork}).
@@ -351,7 +356,10 @@ export class Writer {
     this.#client = options.client;
     this.#bufferSize = options.bufferSize;
     this.#pool = options.pool;
-    this.#threshold = options.compressionThreshold;
+    this.#threshold = options.deflate === undefined
+      ? -1
+      : options.compressionThreshold;
+    this.deflate = options.deflate;
   }
 
   /** Why the write side failed for good, or undefined. */
@@ -491,8 +499,8 @@ export class Writer {
       await lock.ready;
       if (compress !== undefined) {
         const compressed = compress === true
-          ? await compressMessage(payload)
-          : await compressedPayloadOf(compress);
+          ? await compressMessage(payload, this.deflate!)
+          : await compressedPayloadOf(compress, this.deflate!);
         if (compressed !== undefined) {
           b0 |= RSV1;
           payload = compressed;
@@ -820,7 +828,9 @@ class FragmentWriter implements MessageWriter {
     this.#type = type;
     this.#lock = lock;
     this.#chain = lock.ready;
-    if (threshold >= 0) this.#compressor = new FragmentCompressor(threshold);
+    if (threshold >= 0) {
+      this.#compressor = new FragmentCompressor(threshold, writer.deflate!);
+    }
   }
 
   write(data: Uint8Array | string): Promise<void> {

@@ -46,7 +46,7 @@ import {
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
 import { Keepalive, type KeepaliveTarget } from "./_keepalive.ts";
-import { checkConnSettings } from "./_options.ts";
+import { checkCompressionLevel, checkConnSettings } from "./_options.ts";
 import {
   closeAfterFlush,
   closeGracefully,
@@ -54,8 +54,8 @@ import {
 } from "./_closing.ts";
 import type { DeflateParameters } from "./deflate.ts";
 import {
-  canCompress,
   DEFAULT_COMPRESSION_THRESHOLD,
+  deflateSettings,
 } from "./_deflate_stream.ts";
 import {
   type Message,
@@ -203,6 +203,15 @@ export interface ConnOptions {
    * up a compressor costs more than the bytes it saves.
    */
   compressionThreshold?: number;
+  /**
+   * The compression level, gorilla's: -2 (Huffman only), -1 (zlib's
+   * default), 0 (none) to 9 (best compression), 1 being the fastest that
+   * compresses. When set, messages are compressed with node:zlib at that
+   * level; unset, with the web-standard `CompressionStream`, which has no
+   * level (it compresses as zlib's default, 6). See
+   * {@linkcode Conn.setCompressionLevel}.
+   */
+  compressionLevel?: number;
   /**
    * The largest message the peer may send, in bytes (default 0: no limit,
    * as in gorilla); see {@linkcode Conn.setReadLimit}. The Upgrader and the
@@ -372,10 +381,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       client,
       bufferSize: Math.max(writeBufferSize, MAX_CONTROL_FRAME),
       pool: options.writeBufferPool,
-      compressionThreshold:
-        compression !== undefined && canCompress(compression, options.role)
-          ? threshold
-          : -1,
+      compressionThreshold: threshold,
+      deflate: compression === undefined
+        ? undefined
+        : deflateSettings(compression, options.role, options.compressionLevel),
     }, hooks);
     if (options.readLimit) this.#reader.setLimit(options.readLimit);
     if (options.pingInterval) {
@@ -969,6 +978,44 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
   /** Whether written messages are compressed when the extension is on. */
   get writeCompression(): boolean {
     return this.#writer.compressWrites;
+  }
+
+  /**
+   * Sets the level later messages are compressed at (gorilla's
+   * `SetCompressionLevel`): -2 (Huffman only), -1 (zlib's default), 0 (no
+   * compression) to 9 (best compression); 1 is the fastest that
+   * compresses, gorilla's default. Messages then go through node:zlib
+   * instead of `CompressionStream`. It has no effect when compression was
+   * not negotiated.
+   *
+   * @param level The level.
+   * @throws {RangeError} The level is not an integer from -2 to 9.
+   *
+   * @example Compress at gorilla's default level
+   * ```ts title="setCompressionLevel"
+   * import assert from "node:assert/strict";
+   * import { Conn, DEFLATE_OFFER, MESSAGE_TYPE, negotiateDeflate } from "@denows/websocket";
+   *
+   * using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+   * const [serverSocket, clientSocket] = await Promise.all([
+   *   listener.accept(),
+   *   Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port }),
+   * ]);
+   * const compression = negotiateDeflate(DEFLATE_OFFER)?.parameters;
+   * const server = new Conn(serverSocket, { role: "server", compression });
+   * const client = new Conn(clientSocket, { role: "client", compression });
+   * server.setCompressionLevel(1);
+   * const text = JSON.stringify({ items: Array(100).fill("compressible") });
+   * await server.writeMessage(MESSAGE_TYPE.Text, text);
+   * assert.equal(new TextDecoder().decode((await client.readMessage()).data), text);
+   * assert.throws(() => server.setCompressionLevel(10), RangeError);
+   * await Promise.all([client.closeGracefully(), server.closeGracefully()]);
+   * ```
+   */
+  setCompressionLevel(level: number): void {
+    checkCompressionLevel("Cannot set compression level", level);
+    const deflate = this.#writer.deflate;
+    if (deflate !== undefined) this.#writer.deflate = { ...deflate, level };
   }
 
   // ========================================================== handlers

@@ -12,13 +12,13 @@
  * inflated, so a decompression bomb is refused (close 1009) without being
  * expanded.
  *
- * There is no compression level setting: `CompressionStream` offers none (it
- * always compresses at one fixed level), and a `setCompressionLevel` that did
- * nothing would mislead. For the same reason a peer that asks us to compress
- * with a window smaller than 32 KiB (`server_max_window_bits` or
- * `client_max_window_bits` below 15) is accepted, but we send it every message
- * uncompressed, which RFC 7692 section 6 allows, while still inflating what it
- * sends.
+ * `CompressionStream` has no level and always uses a 32 KiB window. With a
+ * compression level set (`compressionLevel`, `conn.setCompressionLevel()`), or
+ * when the peer allows only a smaller window (`server_max_window_bits` or
+ * `client_max_window_bits` from 9 to 14), messages are compressed with
+ * node:zlib instead, which honours both. A peer that allows only 8 bits gets
+ * every message uncompressed, which RFC 7692 section 6 allows: zlib widens a
+ * raw 8-bit window to 9.
  *
  * @example Negotiating on both sides
  * ```ts title="A server and a client agree on permessage-deflate"
@@ -44,7 +44,9 @@ const EXTENSION_NAME = "permessage-deflate";
 
 /**
  * What the client offers in `Sec-WebSocket-Extensions` (RFC 7692 section 5):
- * permessage-deflate with no context takeover in either direction.
+ * permessage-deflate with no context takeover in either direction, and
+ * `client_max_window_bits` without a value: the server may limit the
+ * client's window (section 7.1.2.2).
  *
  * @example Offering compression in a handshake request
  * ```ts title="The offer in a request's headers"
@@ -56,6 +58,10 @@ const EXTENSION_NAME = "permessage-deflate";
  * ```
  */
 export const DEFLATE_OFFER =
+  "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits";
+
+/** The server's answer before any window parameter: no takeover either way. */
+const DEFLATE_ANSWER =
   "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 /**
@@ -63,7 +69,7 @@ export const DEFLATE_OFFER =
  * (RFC 7692 section 7.1): what `Conn` needs to compress and inflate.
  *
  * @example Parameters of a peer that limits the server's window
- * ```ts title="server_max_window_bits=10 is honoured by not compressing"
+ * ```ts title="server_max_window_bits=10: the server compresses with a 1 KiB window"
  * import assert from "node:assert/strict";
  * import { type DeflateParameters, negotiateDeflate } from "@denows/websocket";
  *
@@ -81,12 +87,12 @@ export interface DeflateParameters {
   readonly clientNoContextTakeover: boolean;
   /**
    * Base-2 logarithm of the largest LZ77 window the server compresses with,
-   * 8 to 15 (section 7.1.2.1). Below 15 the server sends uncompressed.
+   * 8 to 15 (section 7.1.2.1). At 8 the server sends uncompressed.
    */
   readonly serverMaxWindowBits: number;
   /**
    * Base-2 logarithm of the largest LZ77 window the client compresses with,
-   * 8 to 15 (section 7.1.2.2). Below 15 the client sends uncompressed.
+   * 8 to 15 (section 7.1.2.2). At 8 the client sends uncompressed.
    */
   readonly clientMaxWindowBits: number;
 }
@@ -155,8 +161,8 @@ export class ExtensionNegotiationError extends Error {
  * other extensions are ignored.
  *
  * The answer always asks for no context takeover in both directions. An
- * offer's `server_max_window_bits` is echoed as section 7.1.2.1 requires; when
- * it is below 15 the server sends uncompressed (see the module docs).
+ * offer's `server_max_window_bits` is echoed as section 7.1.2.1 requires, and
+ * the server compresses within it (see the module docs).
  *
  * @param offers The request's `Sec-WebSocket-Extensions` value (several header
  * lines joined with commas, as `Headers.get` does), or null when absent.
@@ -188,7 +194,7 @@ export function negotiateDeflate(
     const offer = readParameters(extension.params);
     if (typeof offer === "string") continue; // declined: try the next offer
     const serverMaxWindowBits = offer.serverMaxWindowBits ?? 15;
-    let header = DEFLATE_OFFER;
+    let header = DEFLATE_ANSWER;
     if (offer.serverMaxWindowBits !== undefined) {
       header += `; server_max_window_bits=${serverMaxWindowBits}`;
     }
@@ -211,7 +217,9 @@ export function negotiateDeflate(
  * Checks the server's `Sec-WebSocket-Extensions` answer against
  * {@linkcode DEFLATE_OFFER}: it may hold permessage-deflate once, with
  * `server_no_context_takeover` (which we asked for and rely on), optionally
- * `client_no_context_takeover` and `server_max_window_bits`, and nothing else.
+ * `client_no_context_takeover`, `server_max_window_bits` and
+ * `client_max_window_bits` with a value (the client then compresses within
+ * that window), and nothing else.
  *
  * @param response The response's `Sec-WebSocket-Extensions` value, or null.
  * @param options `offered: false` when the request carried no offer: any
@@ -232,6 +240,12 @@ export function negotiateDeflate(
  * );
  * assert.equal(parameters?.clientMaxWindowBits, 15);
  * assert.equal(acceptDeflateResponse(null), undefined);
+ * assert.equal(
+ *   acceptDeflateResponse(
+ *     "permessage-deflate; server_no_context_takeover; client_max_window_bits=10",
+ *   )?.clientMaxWindowBits,
+ *   10,
+ * );
  * assert.throws(
  *   () => acceptDeflateResponse("permessage-deflate; client_max_window_bits=10"),
  *   ExtensionNegotiationError,
@@ -259,8 +273,10 @@ export function acceptDeflateResponse(
     }
     const answer = readParameters(extension.params);
     if (typeof answer === "string") throw fail(answer);
-    if (answer.clientMaxWindowBits !== undefined) {
-      throw fail('parameter "client_max_window_bits" was not offered');
+    if (answer.clientMaxWindowBits === null) {
+      throw fail(
+        'parameter "client_max_window_bits" needs a value in an answer',
+      );
     }
     if (!answer.serverNoContextTakeover) {
       throw fail('parameter "server_no_context_takeover" is missing');
@@ -269,7 +285,7 @@ export function acceptDeflateResponse(
       serverNoContextTakeover: true,
       clientNoContextTakeover: answer.clientNoContextTakeover,
       serverMaxWindowBits: answer.serverMaxWindowBits ?? 15,
-      clientMaxWindowBits: 15,
+      clientMaxWindowBits: answer.clientMaxWindowBits ?? 15,
     };
   }
   return result;

@@ -113,10 +113,15 @@ export interface DialerOptions {
    * Offers permessage-deflate (RFC 7692) with no context takeover in either
    * direction (default false). The server may decline; an answer we did not
    * ask for or cannot honour fails the handshake. {@linkcode Conn.compression}
-   * tells whether the connection got it. There is no compression level: the
-   * web-standard `CompressionStream` has none.
+   * tells whether the connection got it.
    */
   enableCompression?: boolean;
+  /**
+   * The level messages are compressed at, gorilla's -2 to 9 (1: fastest;
+   * see `compressionLevel` of `ConnOptions`). Default: none, the
+   * web-standard `CompressionStream`, which compresses as zlib's level 6.
+   */
+  compressionLevel?: number;
   /**
    * With compression, data messages shorter than this many bytes are sent
    * uncompressed (default 256; `0` compresses everything).

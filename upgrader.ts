@@ -118,10 +118,15 @@ export interface UpgraderOptions {
    * Negotiate permessage-deflate (RFC 7692) when the client offers it
    * (default false). The answer always asks for no context takeover in both
    * directions (see deflate.ts); {@linkcode Conn.compression} tells whether
-   * a connection got it. Messages are compressed with the web-standard
-   * `CompressionStream`, which has no level setting, so there is none here.
+   * a connection got it.
    */
   enableCompression?: boolean;
+  /**
+   * The level messages are compressed at, gorilla's -2 to 9 (1: fastest;
+   * see `compressionLevel` of `ConnOptions`). Default: none, the
+   * web-standard `CompressionStream`, which compresses as zlib's level 6.
+   */
+  compressionLevel?: number;
   /**
    * With compression, data messages shorter than this many bytes are sent
    * uncompressed (default 256; `0` compresses everything).
@@ -690,6 +695,7 @@ export class Upgrader {
       writeBufferPool: this.#options.writeBufferPool,
       compression: deflate?.parameters,
       compressionThreshold: this.#options.compressionThreshold,
+      compressionLevel: this.#options.compressionLevel,
       readLimit: this.#options.readLimit,
       pingInterval: this.#options.pingInterval,
       pongTimeout: this.#options.pongTimeout,

@@ -29,7 +29,11 @@
 // at most: DEFAULT_COMPRESSION_THRESHOLD is 256.
 
 import zlib from "node:zlib";
-import { compressMessage, MessageInflater } from "../_deflate_stream.ts";
+import {
+  compressMessage,
+  MessageInflater,
+  STREAM_DEFLATE,
+} from "../_deflate_stream.ts";
 
 function jsonText(size: number): Uint8Array {
   let text = "";
@@ -61,24 +65,39 @@ async function viaPipe(
   return new Uint8Array(await new Response(body).arrayBuffer());
 }
 
-const SIZES = [["100 B", 100], ["2 KiB", 2048], ["64 KiB", 65536]] as const;
+const SIZES = [
+  ["32 B", 32],
+  ["100 B", 100],
+  ["2 KiB", 2048],
+  ["64 KiB", 65536],
+  ["1 MiB", 1 << 20],
+] as const;
+/** The node:zlib engine, as `compressionLevel` and small windows select it. */
+const ZLIB_ENGINES = [
+  ["level 1", { level: 1, windowBits: 15 }],
+  ["level 6", { level: 6, windowBits: 15 }],
+  ["level 1, 10-bit window", { level: 1, windowBits: 10 }],
+] as const;
 const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 const inflater = new MessageInflater();
 const options = { final: true, limit: Infinity };
 
 // Warm up the JIT first, or whichever bench runs first pays for it.
 for (let i = 0; i < 3000; i++) {
-  const payload = await compressMessage(jsonText(100 + (i % 3000)));
+  const payload = await compressMessage(
+    jsonText(100 + (i % 3000)),
+    STREAM_DEFLATE,
+  );
   await inflater.inflate(payload!, options);
 }
 
 for (const [label, size] of SIZES) {
   const data = jsonText(size);
-  const payload = (await compressMessage(data))!;
+  const payload = (await compressMessage(data, STREAM_DEFLATE))!;
   const withTail = new Uint8Array([...payload, ...TAIL]);
   const group = `compress ${label}`;
   Deno.bench("compressMessage()", { group, baseline: true }, async () => {
-    await compressMessage(data);
+    await compressMessage(data, STREAM_DEFLATE);
   });
   Deno.bench("writer/reader + close()", { group }, async () => {
     await compressClosing(data);
@@ -86,6 +105,11 @@ for (const [label, size] of SIZES) {
   Deno.bench("pipeThrough + Response", { group }, async () => {
     await viaPipe(data, new CompressionStream("deflate-raw"));
   });
+  for (const [name, settings] of ZLIB_ENGINES) {
+    Deno.bench(`compressMessage(), ${name}`, { group }, async () => {
+      await compressMessage(data, settings);
+    });
+  }
   Deno.bench("node:zlib deflateRawSync", { group }, () => {
     zlib.deflateRawSync(data, { finishFlush: zlib.constants.Z_SYNC_FLUSH });
   });

@@ -271,15 +271,43 @@ Deno.test("writeMessage() with compression lets the caller reuse a small payload
   remote.close();
 });
 
-Deno.test("a server never compresses for a client that limited its window, but still inflates", async () => {
+for (const bits of [9, 10, 12, 14]) {
+  Deno.test(`a server compresses within the ${bits}-bit window a client allowed, and inflates`, async () => {
+    const negotiated = negotiateDeflate(
+      `permessage-deflate; server_max_window_bits=${bits}`,
+    )!;
+    const { conn, remote, reader, send } = compressedPeer("server", {
+      compression: negotiated.parameters,
+      compressionThreshold: 0,
+    });
+    assert.equal(conn.compression?.serverMaxWindowBits, bits);
+    // Repetitive over more than the window: a wider window would reach back.
+    const text = jsonText(40_000);
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    const f = (await reader.next())!;
+    assert.equal(f.rsv, 4);
+    assert.ok(f.payload.length < text.length / 2, `${f.payload.length} bytes`);
+    // An inflater with exactly that window refuses any farther distance.
+    const inflated = zlib.inflateRawSync(
+      concat(f.payload, new Uint8Array([0, 0, 0xff, 0xff])),
+      { windowBits: bits, finishFlush: zlib.constants.Z_SYNC_FLUSH },
+    );
+    assert.equal(decoder.decode(inflated), text);
+    await send({ opcode: OP.text, rsv1: true, payload: deflate(text) });
+    assert.equal(decoder.decode((await conn.readMessage()).data), text);
+    conn.close();
+    remote.close();
+  });
+}
+
+Deno.test("a server sends uncompressed to a client that allowed an 8-bit window, and inflates", async () => {
   const negotiated = negotiateDeflate(
-    "permessage-deflate; server_max_window_bits=10",
+    "permessage-deflate; server_max_window_bits=8",
   )!;
   const { conn, remote, reader, send } = compressedPeer("server", {
     compression: negotiated.parameters,
     compressionThreshold: 0,
   });
-  assert.equal(conn.compression?.serverMaxWindowBits, 10);
   const text = jsonText(3000);
   await conn.writeMessage(MESSAGE_TYPE.Text, text);
   const f = (await reader.next())!;
@@ -287,6 +315,66 @@ Deno.test("a server never compresses for a client that limited its window, but s
   assert.equal(decoder.decode(f.payload), text);
   await send({ opcode: OP.text, rsv1: true, payload: deflate(text) });
   assert.equal(decoder.decode((await conn.readMessage()).data), text);
+  conn.close();
+  remote.close();
+});
+
+for (const level of [-2, -1, 0, 1, 6, 9]) {
+  Deno.test(`compression level ${level}: messages and fragments round-trip, and a higher level compresses no worse`, async () => {
+    const { conn, remote, reader } = compressedPeer("server", {
+      compressionLevel: level,
+      compressionThreshold: 0,
+    });
+    const text = jsonText(20_000);
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    const whole = (await reader.next())!;
+    assert.equal(whole.rsv, 4);
+    assert.equal(decoder.decode(inflate(whole.payload)), text);
+    if (level === 0) assert.ok(whole.payload.length >= text.length);
+    if (level >= 1) {
+      assert.ok(
+        whole.payload.length < text.length / 3,
+        `${whole.payload.length} bytes`,
+      );
+    }
+    const writer = conn.nextWriter(MESSAGE_TYPE.Text);
+    for (let i = 0; i < text.length; i += 5000) {
+      await writer.write(text.slice(i, i + 5000));
+    }
+    await writer.close();
+    const pieces: Uint8Array[] = [];
+    for (let f; (f = (await reader.next())!);) {
+      pieces.push(f.payload);
+      if (f.fin) break;
+    }
+    assert.equal(decoder.decode(inflate(concat(...pieces))), text);
+    conn.close();
+    remote.close();
+  });
+}
+
+Deno.test("setCompressionLevel() changes the level of later messages; a bad level is a RangeError", async () => {
+  const { conn, remote, reader } = compressedPeer("server", {
+    compressionThreshold: 0,
+  });
+  const text = jsonText(20_000);
+  const sizes: number[] = [];
+  for (const level of [0, 9]) {
+    conn.setCompressionLevel(level);
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    const f = (await reader.next())!;
+    assert.equal(decoder.decode(inflate(f.payload)), text);
+    sizes.push(f.payload.length);
+  }
+  assert.ok(sizes[1] < sizes[0] / 3, String(sizes));
+  for (const level of [-3, 10, 1.5, NaN]) {
+    assert.throws(() => conn.setCompressionLevel(level), {
+      name: "RangeError",
+      message:
+        `Cannot set compression level: compressionLevel must be an integer from -2 to 9, got ${level}`,
+    });
+  }
+  assert.throws(() => new Upgrader({ compressionLevel: 10 }), RangeError);
   conn.close();
   remote.close();
 });
@@ -1101,6 +1189,14 @@ for (
       clientNoContextTakeover: true,
       threshold: 0,
     }],
+    // ws inflates with the window it allowed: a wider one would fail it.
+    ["10-bit windows both ways", {
+      serverNoContextTakeover: true,
+      clientNoContextTakeover: true,
+      serverMaxWindowBits: 10,
+      clientMaxWindowBits: 10,
+      threshold: 0,
+    }],
   ] as const
 ) {
   Deno.test(`ws client with ${name} echoes through our Upgrader, compressed both ways`, async () => {
@@ -1186,6 +1282,14 @@ for (
         /^permessage-deflate; server_no_context_takeover/,
       );
       assert.equal(conn.compression?.serverNoContextTakeover, true);
+      // Offered by our client, limited by the server when it is set to.
+      assert.equal(
+        conn.compression?.clientMaxWindowBits,
+        typeof perMessageDeflate === "object" &&
+          "clientMaxWindowBits" in perMessageDeflate
+          ? perMessageDeflate.clientMaxWindowBits
+          : 15,
+      );
       for (const size of INTEROP_SIZES) {
         for (const type of [MESSAGE_TYPE.Text, MESSAGE_TYPE.Binary]) {
           const payload = type === MESSAGE_TYPE.Binary

@@ -11,12 +11,13 @@ import {
   negotiateDeflate,
 } from "../deflate.ts";
 import {
-  canCompress,
   compressMessage,
   DEFAULT_COMPRESSION_THRESHOLD,
+  deflateSettings,
   InflateError,
   MessageDeflater,
   MessageInflater,
+  STREAM_DEFLATE,
 } from "../_deflate_stream.ts";
 import { concat, concatAll, utf8 } from "./_frames.ts";
 import { jsonText, runJsonScript, writeAll } from "./_helpers.ts";
@@ -154,14 +155,27 @@ Deno.test("negotiateDeflate() accepts every combination of valid parameters", ()
   }
 });
 
-Deno.test("negotiateDeflate() echoes a server_max_window_bits below 15 and the server then sends uncompressed", () => {
+Deno.test("negotiateDeflate() echoes a server_max_window_bits below 15; the server compresses within it, or not at all at 8", () => {
   const result = negotiateDeflate(
     "permessage-deflate; server_max_window_bits=10",
   );
   assert.equal(result?.header, `${ANSWER}; server_max_window_bits=10`);
   assert.equal(result?.parameters.serverMaxWindowBits, 10);
-  assert.equal(canCompress(result!.parameters, "server"), false);
-  assert.equal(canCompress(result!.parameters, "client"), true);
+  assert.deepEqual(deflateSettings(result!.parameters, "server", undefined), {
+    level: undefined,
+    windowBits: 10,
+  });
+  assert.deepEqual(deflateSettings(result!.parameters, "client", 1), {
+    level: 1,
+    windowBits: 15,
+  });
+  const eight = negotiateDeflate(
+    "permessage-deflate; server_max_window_bits=8",
+  );
+  assert.equal(
+    deflateSettings(eight!.parameters, "server", undefined),
+    undefined,
+  );
 });
 
 Deno.test("negotiateDeflate() reads quoted values, any case and any whitespace", () => {
@@ -249,7 +263,7 @@ Deno.test("negotiateDeflate() ignores other extensions before and after the offe
 // Client offer and answer
 
 Deno.test("DEFLATE_OFFER is accepted by negotiateDeflate() and its answer by acceptDeflateResponse()", () => {
-  assert.equal(DEFLATE_OFFER, ANSWER);
+  assert.equal(DEFLATE_OFFER, `${ANSWER}; client_max_window_bits`);
   const negotiated = negotiateDeflate(DEFLATE_OFFER);
   assert.ok(negotiated);
   assert.deepEqual(
@@ -277,16 +291,26 @@ Deno.test("acceptDeflateResponse() accepts every answer it can honour", () => {
         serverMaxWindowBits: 15,
       },
     ],
+    // The client offered client_max_window_bits: any limit 8-15 is kept.
+    [`${ANSWER}; client_max_window_bits=9`, { clientMaxWindowBits: 9 }],
+    [`${ANSWER}; client_max_window_bits=15`, { clientMaxWindowBits: 15 }],
+    [
+      "permessage-deflate; server_no_context_takeover; client_max_window_bits=12; server_max_window_bits=10",
+      { clientMaxWindowBits: 12, serverMaxWindowBits: 10 },
+    ],
   ];
   for (const [header, expected] of cases) {
     const parameters = acceptDeflateResponse(header);
     assert.ok(parameters, header);
     assert.equal(parameters.serverNoContextTakeover, true);
-    assert.equal(parameters.clientMaxWindowBits, 15);
+    assert.equal(
+      parameters.clientMaxWindowBits,
+      expected.clientMaxWindowBits ?? 15,
+    );
     for (const [key, value] of Object.entries(expected)) {
       assert.equal(parameters[key as keyof DeflateParameters], value, header);
     }
-    assert.equal(canCompress(parameters, "client"), true);
+    assert.ok(deflateSettings(parameters, "client", undefined));
   }
 });
 
@@ -294,13 +318,10 @@ Deno.test("acceptDeflateResponse() refuses answers it did not ask for or cannot 
   const cases: [string, RegExp][] = [
     ["permessage-deflate", /"server_no_context_takeover" is missing/],
     [
-      `${ANSWER}; client_max_window_bits=10`,
-      /"client_max_window_bits" was not offered/,
-    ],
-    [
       `${ANSWER}; client_max_window_bits`,
-      /"client_max_window_bits" was not offered/,
+      /"client_max_window_bits" needs a value in an answer/,
     ],
+    [`${ANSWER}; client_max_window_bits=7`, /outside 8 to 15/],
     [`${ANSWER}; foo`, /"foo" is unknown/],
     [`${ANSWER}; server_no_context_takeover`, /appears more than once/],
     [`${ANSWER}; server_max_window_bits=16`, /needs a value from 8 to 15/],
@@ -440,35 +461,35 @@ Deno.test("compressMessage() output inflates with zlib for sizes 0 B to 4 MiB", 
   const sizes = [0, 1, 125, 126, 2048, 16384, 16385, 65535, 65536, 1 << 20];
   for (const size of sizes) {
     for (const data of [jsonBytes(size), randomBytes(size)]) {
-      const payload = await compressMessage(data);
+      const payload = await compressMessage(data, STREAM_DEFLATE);
       assert.ok(payload, `${size}`);
       assert.notDeepEqual(payload.subarray(-4), TAIL);
       assert.deepEqual(zlibInflate(payload), data, `${size}`);
     }
   }
   const big = jsonBytes(4 << 20);
-  const payload = await compressMessage(big);
+  const payload = await compressMessage(big, STREAM_DEFLATE);
   assert.ok(payload && payload.length < big.length / 4);
   assert.deepEqual(zlibInflate(payload), big);
 });
 
 Deno.test("compressMessage() compresses an empty message to a single 00 (RFC 7692 section 7.2.3.6)", async () => {
   assert.deepEqual(
-    await compressMessage(new Uint8Array(0)),
+    await compressMessage(new Uint8Array(0), STREAM_DEFLATE),
     new Uint8Array([0]),
   );
 });
 
 Deno.test("compressMessage() shrinks JSON above the default threshold", async () => {
   const data = jsonBytes(DEFAULT_COMPRESSION_THRESHOLD);
-  const payload = await compressMessage(data);
+  const payload = await compressMessage(data, STREAM_DEFLATE);
   assert.ok(payload && payload.length < data.length * 0.75);
 });
 
 Deno.test("MessageDeflater pieces form one message whatever the split", async () => {
   const data = concat(jsonBytes(70_000), randomBytes(20_000), jsonBytes(3));
   for (const max of [1, 1000, 40_000]) {
-    const deflater = new MessageDeflater();
+    const deflater = new MessageDeflater(STREAM_DEFLATE);
     const payloads: Uint8Array[] = [];
     for (const piece of randomSplit(data, max)) {
       const payload = await deflater.write(piece);
@@ -483,7 +504,7 @@ Deno.test("MessageDeflater pieces form one message whatever the split", async ()
 });
 
 Deno.test("MessageDeflater returns undefined once its stream is closed", async () => {
-  const deflater = new MessageDeflater();
+  const deflater = new MessageDeflater(STREAM_DEFLATE);
   deflater.close();
   assert.equal(await deflater.write(jsonBytes(100)), undefined);
   assert.equal(await deflater.write(jsonBytes(100)), undefined);
@@ -581,7 +602,7 @@ Deno.test("MessageInflater inflates what compressMessage() produced", async () =
   const inflater = new MessageInflater();
   for (const size of [0, 100, 2048, 65536, 1 << 20]) {
     const data = jsonBytes(size);
-    const payload = await compressMessage(data);
+    const payload = await compressMessage(data, STREAM_DEFLATE);
     assert.ok(payload);
     assert.deepEqual(await inflateAll(inflater, [payload]), data);
   }
@@ -875,7 +896,7 @@ async function sendMessage(
   masked: boolean,
 ): Promise<void> {
   const payload = data.length >= DEFAULT_COMPRESSION_THRESHOLD
-    ? await compressMessage(data)
+    ? await compressMessage(data, STREAM_DEFLATE)
     : undefined;
   await writeAll(
     conn,
@@ -998,7 +1019,7 @@ for (
         response.get("sec-websocket-extensions"),
       );
       assert.ok(parameters, "ws accepted the offer");
-      assert.equal(canCompress(parameters, "client"), true);
+      assert.ok(deflateSettings(parameters, "client", undefined));
       const inflater = new MessageInflater();
       const received: Uint8Array[] = [];
       for (const message of INTEROP_MESSAGES) {

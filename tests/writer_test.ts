@@ -20,6 +20,7 @@ function writerOf(options: { client?: boolean; bufferSize?: number } = {}) {
     bufferSize: options.bufferSize ?? 4096,
     pool: undefined,
     compressionThreshold: -1,
+    deflate: undefined,
   }, { fail: (error) => failures.push(error.code) });
   return { writer, writes, failures };
 }

@@ -11,12 +11,14 @@
  * ```sh
  * deno task echo                       # http://127.0.0.1:8080/
  * deno run -A examples/echo/server.ts --port 9000 --compress
+ * deno run -A examples/echo/server.ts --compression-level 1 --compress
  * ```
  *
  * @module
  */
 import {
   type Conn,
+  ConnectionClosedError,
   isCloseError,
   isWebSocketUpgrade,
   ProtocolError,
@@ -24,7 +26,7 @@ import {
   type Server,
   Upgrader,
 } from "../../mod.ts";
-import { parseServerArgs } from "../_cli.ts";
+import { exitWithUsage, parseServerArgs } from "../_cli.ts";
 import {
   type ConnectionHook,
   listen,
@@ -36,6 +38,8 @@ import {
 export interface EchoOptions extends ConnectionHook {
   /** Negotiate permessage-deflate (RFC 7692) with clients that offer it. */
   compress?: boolean;
+  /** Compress at this level (gorilla's -2 to 9) instead of CompressionStream's. */
+  compressionLevel?: number;
 }
 
 /** Options for {@linkcode startServer}. */
@@ -52,8 +56,9 @@ export const READ_LIMIT = 4 * 1024 * 1024;
 
 /**
  * Echoes every message on `conn` until the connection ends, then closes it.
- * A close from the peer is the normal end; anything else is logged (a
- * protocol error or a message over the read limit in one line).
+ * A close, from the peer or from here (a server shutdown), is the normal
+ * end; anything else is logged (a protocol error or a message over the read
+ * limit in one line).
  *
  * @param conn A server connection.
  * @returns Settles when the connection has ended; never rejects.
@@ -69,7 +74,9 @@ export async function echo(conn: Conn): Promise<void> {
     // frame; one line says so here.
     if (error instanceof ProtocolError) {
       console.error(`echo: ${error.message} (closed with ${error.code})`);
-    } else if (!isCloseError(error)) console.error("echo:", error);
+    } else if (
+      !isCloseError(error) && !(error instanceof ConnectionClosedError)
+    ) console.error("echo:", error);
   } finally {
     conn.close();
   }
@@ -88,6 +95,7 @@ export function createHandler(
 ): ServeHandler {
   const upgrader = new Upgrader({
     enableCompression: options.compress,
+    compressionLevel: options.compressionLevel,
     readLimit: READ_LIMIT,
   });
   return async (request) => {
@@ -113,17 +121,31 @@ export function startServer(options: StartOptions): Server {
   return listen(options, createHandler(options));
 }
 
+const USAGE =
+  "Usage: server.ts [--port N] [--hostname H] [--compress] [--compression-level L]";
+
 if (import.meta.main) {
   const args = parseServerArgs(
     Deno.args,
-    "Usage: server.ts [--port N] [--hostname H] [--compress]",
-    { compress: { type: "boolean", default: false } },
+    USAGE,
+    {
+      compress: { type: "boolean", default: false },
+      "compression-level": { type: "string" },
+    },
   );
   const compress = args.flags.compress === true;
+  const level = args.flags["compression-level"] as string | undefined;
+  if (level !== undefined && !/^-?[0-9]$/.test(level)) {
+    exitWithUsage(
+      `Cannot start: --compression-level must be gorilla's -2 to 9, got "${level}"`,
+      USAGE,
+    );
+  }
   startServer({
     port: args.port,
     hostname: args.hostname,
     compress,
+    compressionLevel: level === undefined ? undefined : Number(level),
     onListen: ({ hostname, port }) =>
       console.log(
         `Echo server on http://${hostname}:${port}/ (WebSocket on any path${
