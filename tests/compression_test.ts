@@ -15,6 +15,7 @@ import {
   ReadLimitError,
 } from "../conn.ts";
 import {
+  acceptDeflateResponse,
   DEFLATE_OFFER,
   type DeflateParameters,
   negotiateDeflate,
@@ -271,33 +272,37 @@ Deno.test("writeMessage() with compression lets the caller reuse a small payload
   remote.close();
 });
 
-for (const bits of [9, 10, 12, 14]) {
-  Deno.test(`a server compresses within the ${bits}-bit window a client allowed, and inflates`, async () => {
-    const negotiated = negotiateDeflate(
-      `permessage-deflate; server_max_window_bits=${bits}`,
-    )!;
-    const { conn, remote, reader, send } = compressedPeer("server", {
-      compression: negotiated.parameters,
-      compressionThreshold: 0,
+for (const role of ROLES) {
+  for (const bits of [9, 10, 12, 14, 15]) {
+    Deno.test(`${role}: compresses within the ${bits}-bit window its peer allowed, and inflates`, async () => {
+      const answer = role === "server"
+        ? `permessage-deflate; server_max_window_bits=${bits}`
+        : `permessage-deflate; server_no_context_takeover; client_max_window_bits=${bits}`;
+      const parameters = role === "server"
+        ? negotiateDeflate(answer)!.parameters
+        : acceptDeflateResponse(answer)!;
+      const { conn, remote, reader, send } = compressedPeer(role, {
+        compression: parameters,
+        compressionThreshold: 0,
+      });
+      // Repetitive over more than the window: a wider one would reach back.
+      const text = jsonText(40_000);
+      await conn.writeMessage(MESSAGE_TYPE.Text, text);
+      const f = (await reader.next())!;
+      assert.equal(f.rsv, 4);
+      assert.ok(f.payload.length < text.length / 2, `${f.payload.length} B`);
+      // An inflater with exactly that window refuses any farther distance.
+      const inflated = zlib.inflateRawSync(
+        concat(f.payload, new Uint8Array([0, 0, 0xff, 0xff])),
+        { windowBits: bits, finishFlush: zlib.constants.Z_SYNC_FLUSH },
+      );
+      assert.equal(decoder.decode(inflated), text);
+      await send({ opcode: OP.text, rsv1: true, payload: deflate(text) });
+      assert.equal(decoder.decode((await conn.readMessage()).data), text);
+      conn.close();
+      remote.close();
     });
-    assert.equal(conn.compression?.serverMaxWindowBits, bits);
-    // Repetitive over more than the window: a wider window would reach back.
-    const text = jsonText(40_000);
-    await conn.writeMessage(MESSAGE_TYPE.Text, text);
-    const f = (await reader.next())!;
-    assert.equal(f.rsv, 4);
-    assert.ok(f.payload.length < text.length / 2, `${f.payload.length} bytes`);
-    // An inflater with exactly that window refuses any farther distance.
-    const inflated = zlib.inflateRawSync(
-      concat(f.payload, new Uint8Array([0, 0, 0xff, 0xff])),
-      { windowBits: bits, finishFlush: zlib.constants.Z_SYNC_FLUSH },
-    );
-    assert.equal(decoder.decode(inflated), text);
-    await send({ opcode: OP.text, rsv1: true, payload: deflate(text) });
-    assert.equal(decoder.decode((await conn.readMessage()).data), text);
-    conn.close();
-    remote.close();
-  });
+  }
 }
 
 Deno.test("a server sends uncompressed to a client that allowed an 8-bit window, and inflates", async () => {
