@@ -81,6 +81,12 @@ export interface ServeOptions {
    * `Deno.serve`; use `"127.0.0.1"` to accept local clients only.
    */
   hostname?: string;
+  /**
+   * Let several processes listen on the same port, the kernel spreading
+   * connections among them (Linux `SO_REUSEPORT`): one process per core.
+   * Plain TCP only; in Deno 2.9 it needs `--unstable-net`. Default false.
+   */
+  reusePort?: boolean;
   /** PEM certificate chain: with `key`, serves HTTPS (and `wss:`). */
   cert?: string;
   /** PEM private key for `cert`. */
@@ -397,7 +403,7 @@ class HttpServer implements Server {
     try {
       this.#listener = cert !== undefined && key !== undefined
         ? Deno.listenTls({ hostname, port, cert, key })
-        : Deno.listen({ hostname, port });
+        : Deno.listen({ hostname, port, reusePort: options.reusePort });
     } catch (error) {
       const host = hostname.includes(":") ? `[${hostname}]` : hostname;
       throw withContext(error, `Cannot listen on ${host}:${port}`);

@@ -7,6 +7,8 @@
  * - {@linkcode Dialer} opens client connections (`ws://`, `wss://`, proxies).
  * - {@linkcode Conn} reads and writes messages, streams, control frames.
  * - permessage-deflate (RFC 7692) is negotiated with `enableCompression`.
+ * - {@linkcode Topics} publishes to subscribed connections, across
+ *   processes through a {@linkcode Broker} (Redis: `@denows/websocket/redis`).
  *
  * @module
  */
@@ -15,3 +17,4 @@ export * from "./conn.ts";
 export * from "./upgrader.ts";
 export * from "./dialer.ts";
 export * from "./deflate.ts";
+export * from "./topics.ts";

@@ -13,6 +13,8 @@ export interface ListenOptions {
   hostname?: string;
   /** Called once the listener is bound. */
   onListen?: (addr: Deno.NetAddr) => void;
+  /** Share the port with other processes (needs --unstable-net). */
+  reusePort?: boolean;
 }
 
 /** The hook every example's `createHandler` accepts. */
@@ -32,6 +34,7 @@ export function listen(options: ListenOptions, handler: ServeHandler): Server {
   return serve({
     port: options.port,
     hostname: options.hostname ?? "127.0.0.1",
+    reusePort: options.reusePort,
     onListen: options.onListen ?? (() => {}),
   }, handler);
 }

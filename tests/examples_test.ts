@@ -177,15 +177,16 @@ const TASKS: Record<string, string> = JSON.parse(
 ).tasks;
 
 /**
- * The files the examples need (the library, deno.json, examples/) copied to a new directory, as a fresh clone has them: without
+ * The files the examples need (the library, deno.json, examples/, redis/) copied to a new directory, as a fresh clone has them: without
  * the node_modules/ the tests' npm packages leave in this checkout.
  */
 async function freshCheckout(): Promise<string> {
+  const root = new URL("../", import.meta.url);
   const dir = await Deno.makeTempDir();
   const copy = async (from: URL, to: string, pick: RegExp) => {
     await Deno.mkdir(to, { recursive: true });
     for await (const entry of Deno.readDir(from)) {
-      if (entry.isDirectory && from.pathname.includes("/examples/")) {
+      if (entry.isDirectory && from.href !== root.href) {
         await copy(
           new URL(`${entry.name}/`, from),
           `${to}/${entry.name}`,
@@ -196,9 +197,10 @@ async function freshCheckout(): Promise<string> {
       }
     }
   };
-  const root = new URL("../", import.meta.url);
   await copy(root, dir, /\.ts$|^deno\.json$/);
-  await copy(new URL("examples/", root), `${dir}/examples`, /./);
+  for (const folder of ["examples", "redis"]) {
+    await copy(new URL(`${folder}/`, root), `${dir}/${folder}`, /./);
+  }
   return dir;
 }
 
@@ -522,7 +524,6 @@ Deno.test("chat drops a client that does not read instead of slowing the others"
   const { server, hub } = startChat({
     port: 0,
     sendQueueSize: 8,
-    writeWait: 500,
     onConnection: sessions.onConnection,
   });
   const fast = await Client.connect(`ws://127.0.0.1:${server.addr.port}/ws`);

@@ -2,53 +2,54 @@
  * Chat server: every line a client sends is broadcast to every connected
  * client, the sender included.
  *
- * The shape is gorilla's chat example, in TypeScript:
+ * The shape is gorilla's chat example, in TypeScript, with the library doing
+ * what gorilla's example writes by hand:
  *
- * - a {@linkcode Hub} holds the clients and broadcasts each line as one
- *   `PreparedMessage`, so the frame is built once however many clients
- *   there are;
- * - each client has a read loop (the only reader of its connection) and a
- *   write loop (the only writer) fed by a bounded queue;
+ * - a {@linkcode Hub} broadcasts each line through {@linkcode Topics}: one
+ *   `PreparedMessage` per line, however many clients there are, each client
+ *   with its own bounded queue; a client whose queue is full is dropped
+ *   (closed with 1008) instead of slowing the others;
+ * - each connection has one read loop, which hands lines to the hub;
  * - the Upgrader's keepalive pings a client that has been silent for
  *   `pingInterval` and drops it when it stays silent `pongTimeout` longer,
- *   so a peer that vanishes without a FIN is noticed (gorilla's example
- *   writes this loop by hand);
- * - a client whose queue is full is dropped instead of slowing the others.
+ *   so a peer that vanishes without a FIN is noticed.
+ *
+ * With `--redis URL` the hub publishes through Redis, so chat servers in
+ * several processes (or on several machines) share one room; with
+ * `--reuse-port` they can also share one port.
  *
  * ```sh
  * deno task chat            # then open http://127.0.0.1:8080/ in two tabs
+ * deno task chat --port 8081 --redis redis://127.0.0.1:6379
  * ```
  *
  * @module
  */
 import {
+  type Broker,
   CLOSE_CODE,
   type Conn,
-  formatCloseMessage,
+  ConnectionClosedError,
   isUnexpectedCloseError,
-  MESSAGE_TYPE,
-  PreparedMessage,
   type ServeHandler,
   type Server,
+  Topics,
   Upgrader,
 } from "../../mod.ts";
-import { parseServerArgs } from "../_cli.ts";
+import { exitWithUsage, parseServerArgs } from "../_cli.ts";
 import {
   type ConnectionHook,
-  deadline,
   listen,
   type ListenOptions,
   servePage,
 } from "../_shared.ts";
 
-/** Timing and size limits of a chat server, with gorilla's defaults. */
+/** Size limits and keepalive timings of a chat server, with gorilla's defaults. */
 export interface ChatOptions {
   /** Largest message accepted from a client, in bytes (default 512). */
   maxMessageSize?: number;
-  /** Messages queued for a client before it counts as too slow (default 256). */
+  /** Lines queued for a client before it counts as too slow (default 256). */
   sendQueueSize?: number;
-  /** Time allowed to write one message, in ms (default 10 s). */
-  writeWait?: number;
   /** Silence after which a client is pinged, in ms (default 54 s). */
   pingInterval?: number;
   /** Time a pinged client has to answer, in ms (default 6 s). */
@@ -59,54 +60,51 @@ export interface ChatOptions {
 export interface HandlerOptions extends ChatOptions, ConnectionHook {}
 
 /** Options for {@linkcode startServer}. */
-export interface StartOptions extends HandlerOptions, ListenOptions {}
-
-type Limits = Required<ChatOptions>;
-
-function limits(options: ChatOptions): Limits {
-  // gorilla's timings: a ping every 54 s, a pong within 60 s of the last.
-  return {
-    maxMessageSize: options.maxMessageSize ?? 512,
-    sendQueueSize: options.sendQueueSize ?? 256,
-    writeWait: options.writeWait ?? 10_000,
-    pingInterval: options.pingInterval ?? 54_000,
-    pongTimeout: options.pongTimeout ?? 6_000,
-  };
+export interface StartOptions extends HandlerOptions, ListenOptions {
+  /** Share the room with every chat server on this broker (Redis, say). */
+  broker?: Broker;
 }
 
+const ROOM = "chat";
 const decoder = new TextDecoder();
 
-/**
- * The set of connected clients. Broadcasting never waits for anyone: it only
- * appends to each client's queue, and a client whose queue is full is dropped.
- */
+/** The room: every connected client, here and, with a broker, elsewhere. */
 export class Hub {
-  #clients = new Set<Client>();
+  #topics: Topics;
 
   /**
-   * The number of clients receiving broadcasts: a dropped client no longer
-   * counts, even while its connection is still closing.
+   * Creates an empty room.
+   *
+   * @param options `sendQueueSize` (default 256) and a broker.
    */
+  constructor(options: { sendQueueSize?: number; broker?: Broker } = {}) {
+    this.#topics = new Topics({
+      maxQueue: options.sendQueueSize ?? 256,
+      broker: options.broker,
+    });
+  }
+
+  /** The clients of this process receiving broadcasts. */
   get size(): number {
-    return this.#clients.size;
+    return this.#topics.subscriberCount(ROOM);
   }
 
   /**
    * Adds a client; it receives every later broadcast.
    *
-   * @param client The client to add.
+   * @param conn The client's connection.
    */
-  register(client: Client): void {
-    this.#clients.add(client);
+  join(conn: Conn): void {
+    this.#topics.subscribe(conn, ROOM);
   }
 
   /**
    * Removes a client; safe to call more than once.
    *
-   * @param client The client to remove.
+   * @param conn The client's connection.
    */
-  unregister(client: Client): void {
-    this.#clients.delete(client);
+  leave(conn: Conn): void {
+    this.#topics.unsubscribe(conn, ROOM);
   }
 
   /**
@@ -115,143 +113,45 @@ export class Hub {
    * @param line The text to send.
    */
   broadcast(line: string): void {
-    const message = new PreparedMessage(MESSAGE_TYPE.Text, line);
-    for (const client of this.#clients) {
-      if (!client.enqueue(message)) {
-        this.#clients.delete(client);
-        client.drop();
-      }
-    }
+    this.#topics.publish(ROOM, line);
   }
 }
 
-/** One connected client: its connection, its queue and its two loops. */
-export class Client {
-  #hub: Hub;
-  #conn: Conn;
-  #limits: Limits;
-  #queue: PreparedMessage[] = [];
-  #wake: (() => void) | undefined;
-  #dropped = false;
-  #done = false;
-
-  /**
-   * Creates a client; {@linkcode Client.run} starts it.
-   *
-   * @param hub The hub it joins.
-   * @param conn Its connection.
-   * @param options Its limits.
-   */
-  constructor(hub: Hub, conn: Conn, options: ChatOptions = {}) {
-    this.#hub = hub;
-    this.#conn = conn;
-    this.#limits = limits(options);
-  }
-
-  /**
-   * Queues a message for the write loop.
-   *
-   * @param message The message to send.
-   * @returns False, queuing nothing, when the queue is full: the client is
-   * not keeping up.
-   */
-  enqueue(message: PreparedMessage): boolean {
-    if (this.#done) return true; // Leaving anyway: nothing to drop.
-    if (this.#queue.length >= this.#limits.sendQueueSize) return false;
-    this.#queue.push(message);
-    this.#signal();
-    return true;
-  }
-
-  /** Ends the client: the write loop sends a close frame and hangs up. */
-  drop(): void {
-    this.#dropped = true;
-    this.#queue.length = 0;
-    this.#signal();
-  }
-
-  /**
-   * Registers the client and runs both loops until the connection ends;
-   * the client leaves the hub once both have stopped.
-   *
-   * @returns Settles when both loops have stopped; never rejects.
-   */
-  async run(): Promise<void> {
-    this.#hub.register(this);
-    try {
-      await Promise.all([this.#readLoop(), this.#writeLoop()]);
-    } finally {
-      this.#hub.unregister(this);
+/**
+ * One client's session: joins the hub, hands each line it sends to the
+ * hub, and leaves when the connection ends.
+ *
+ * @param hub The room.
+ * @param conn The client's connection.
+ * @returns Settles when the connection has ended; never rejects.
+ */
+export async function chat(hub: Hub, conn: Conn): Promise<void> {
+  hub.join(conn);
+  try {
+    for (;;) {
+      const { data } = await conn.readMessage();
+      const line = decoder.decode(data).replaceAll(/[\r\n]+/g, " ").trim();
+      if (line !== "") hub.broadcast(line);
     }
-  }
-
-  #signal(): void {
-    const wake = this.#wake;
-    this.#wake = undefined;
-    wake?.();
-  }
-
-  // The only reader of the connection; it also reads the pongs that keep
-  // the connection alive (a peer that stops answering fails the read).
-  async #readLoop(): Promise<void> {
-    const conn = this.#conn;
-    try {
-      for (;;) {
-        const { data } = await conn.readMessage();
-        const line = decoder.decode(data).replaceAll(/[\r\n]+/g, " ").trim();
-        if (line !== "") this.#hub.broadcast(line);
-      }
-    } catch (error) {
-      // Tabs closing (1001), pages calling close() with or without a code,
-      // and vanished peers are all ordinary ends of a chat session.
-      if (
-        isUnexpectedCloseError(
-          error,
-          CLOSE_CODE.NormalClosure,
-          CLOSE_CODE.GoingAway,
-          CLOSE_CODE.NoStatusReceived,
-          CLOSE_CODE.AbnormalClosure,
-        )
-      ) {
-        console.error("chat: read:", error);
-      }
-    } finally {
-      this.#done = true;
-      this.#signal();
-      conn.close();
+  } catch (error) {
+    // Tabs closing (1001), pages calling close() with or without a code,
+    // vanished peers and clients dropped as too slow (1008, closed here)
+    // are all ordinary ends of a chat session.
+    if (
+      isUnexpectedCloseError(
+        error,
+        CLOSE_CODE.NormalClosure,
+        CLOSE_CODE.GoingAway,
+        CLOSE_CODE.NoStatusReceived,
+        CLOSE_CODE.AbnormalClosure,
+        CLOSE_CODE.PolicyViolation,
+      ) && !(error instanceof ConnectionClosedError)
+    ) {
+      console.error("chat: read:", error);
     }
-  }
-
-  // The only writer of data: queued broadcasts, and the close frame when
-  // the hub drops the client.
-  async #writeLoop(): Promise<void> {
-    const conn = this.#conn;
-    const { writeWait } = this.#limits;
-    try {
-      while (!this.#done) {
-        if (this.#dropped) {
-          await conn.writeControl(
-            MESSAGE_TYPE.Close,
-            formatCloseMessage(CLOSE_CODE.PolicyViolation, "too slow"),
-            { deadline: deadline(writeWait) },
-          );
-          return;
-        }
-        const message = this.#queue.shift();
-        if (message !== undefined) {
-          conn.setWriteDeadline(deadline(writeWait));
-          await conn.writePreparedMessage(message);
-        } else if (!this.#dropped && !this.#done) {
-          await new Promise<void>((resolve) => this.#wake = resolve);
-        }
-      }
-    } catch {
-      // A failed write ends the client; closing the connection below ends
-      // the read loop too.
-    } finally {
-      this.#done = true;
-      conn.close();
-    }
+  } finally {
+    hub.leave(conn);
+    conn.close();
   }
 }
 
@@ -270,17 +170,17 @@ export function createHandler(
   hub: Hub,
   options: HandlerOptions = {},
 ): ServeHandler {
-  const { maxMessageSize, pingInterval, pongTimeout } = limits(options);
+  // gorilla's timings: a ping every 54 s, a pong within 60 s of the last.
   const upgrader = new Upgrader({
-    readLimit: maxMessageSize,
-    pingInterval,
-    pongTimeout,
+    readLimit: options.maxMessageSize ?? 512,
+    pingInterval: options.pingInterval ?? 54_000,
+    pongTimeout: options.pongTimeout ?? 6_000,
   });
   return async (request) => {
     const { pathname } = new URL(request.url);
     if (pathname === "/ws") {
       const conn = await upgrader.upgrade(request);
-      const done = new Client(hub, conn, options).run();
+      const done = chat(hub, conn);
       options.onConnection?.(conn, done);
       return;
     }
@@ -291,7 +191,7 @@ export function createHandler(
 /**
  * Starts a chat server with a fresh hub.
  *
- * @param options Where to listen, limits and the connection hook.
+ * @param options Where to listen, limits, a broker and the connection hook.
  * @returns The running server (`shutdown()` stops it) and its hub.
  * @throws {RangeError} If a limit is not a valid size or time.
  * @throws {Deno.errors.AddrInUse} If the port is taken (and other listen errors).
@@ -299,19 +199,50 @@ export function createHandler(
 export function startServer(
   options: StartOptions,
 ): { server: Server; hub: Hub } {
-  const hub = new Hub();
+  const hub = new Hub({
+    sendQueueSize: options.sendQueueSize,
+    broker: options.broker,
+  });
   return { server: listen(options, createHandler(hub, options)), hub };
 }
 
-if (import.meta.main) {
-  const args = parseServerArgs(
-    Deno.args,
-    "Usage: server.ts [--port N] [--hostname H]",
+const USAGE =
+  "Usage: server.ts [--port N] [--hostname H] [--redis URL] [--reuse-port]";
+
+/**
+ * Connects the Redis broker, loaded only now: it comes from npm, and a chat
+ * server on its own must start without npm. A computed specifier, so that
+ * Deno does not fetch it ahead of time.
+ */
+async function connectRedis(url: string): Promise<Broker> {
+  const specifier = new URL("../../redis/mod.ts", import.meta.url).href;
+  const { RedisBroker }: typeof import("../../redis/mod.ts") = await import(
+    specifier
   );
+  try {
+    return await RedisBroker.connect(url);
+  } catch (error) {
+    exitWithUsage(`Cannot start: ${(error as Error).message}`, USAGE);
+  }
+}
+
+if (import.meta.main) {
+  const args = parseServerArgs(Deno.args, USAGE, {
+    redis: { type: "string" },
+    "reuse-port": { type: "boolean", default: false },
+  });
+  const redis = args.flags.redis as string | undefined;
+  const broker = redis === undefined ? undefined : await connectRedis(redis);
   startServer({
     port: args.port,
     hostname: args.hostname,
+    broker,
+    reusePort: args.flags["reuse-port"] === true,
     onListen: ({ hostname, port }) =>
-      console.log(`Chat on http://${hostname}:${port}/`),
+      console.log(
+        `Chat on http://${hostname}:${port}/${
+          redis === undefined ? "" : ` (sharing the room through ${redis})`
+        }`,
+      ),
   });
 }
