@@ -46,6 +46,7 @@ import {
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
 import { Keepalive, type KeepaliveTarget } from "./_keepalive.ts";
+import { closed } from "./_close_watch.ts";
 import { checkCompressionLevel, checkConnSettings } from "./_options.ts";
 import {
   closeAfterFlush,
@@ -1150,6 +1151,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
     } catch {
       // Already closed by its owner: nothing left to release.
     }
+    closed(this);
   }
 
   /**

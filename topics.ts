@@ -25,13 +25,9 @@
  * const upgrader = new Upgrader();
  * await using server = serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async (request) => {
  *   const conn = await upgrader.upgrade(request);
- *   topics.subscribe(conn, "room");
- *   try {
- *     for await (const { data } of conn) {
- *       topics.publish("room", data, { type: MESSAGE_TYPE.Text, exclude: conn });
- *     }
- *   } finally {
- *     topics.unsubscribeAll(conn);
+ *   topics.subscribe(conn, "room"); // until the connection closes
+ *   for await (const { data } of conn) {
+ *     topics.publish("room", data, { type: MESSAGE_TYPE.Text, exclude: conn });
  *   }
  * });
  *
@@ -49,6 +45,7 @@
 
 import { type Conn, type DataMessageType, PreparedMessage } from "./conn.ts";
 import { CLOSE_CODE, MESSAGE_TYPE } from "./frame.ts";
+import { onClosed } from "./_close_watch.ts";
 
 /**
  * Carries published messages between processes (and machines): every
@@ -153,6 +150,8 @@ export class Topics {
   readonly #onBrokerError: (error: unknown) => void;
   readonly #byTopic = new Map<string, Set<Subscriber>>();
   readonly #byConn = new Map<Conn, Subscriber>();
+  /** Connections whose closing already unsubscribes them. */
+  readonly #watched = new WeakSet<Conn>();
   /** Identifies this instance's messages when the broker echoes them. */
   readonly #origin = crypto.getRandomValues(new Uint8Array(ORIGIN_BYTES));
   #brokerFailing = false;
@@ -194,15 +193,22 @@ export class Topics {
 
   /**
    * Subscribes `conn` to `topic`; subscribing twice is one subscription.
+   * When the connection closes it is unsubscribed from everything (a closed
+   * connection is not subscribed at all).
    *
    * @param conn The connection that receives the topic's messages.
    * @param topic The topic.
    */
   subscribe(conn: Conn, topic: string): void {
+    if (conn.closed) return;
     let subscriber = this.#byConn.get(conn);
     if (subscriber === undefined) {
       subscriber = new Subscriber(conn);
       this.#byConn.set(conn, subscriber);
+      if (!this.#watched.has(conn)) {
+        this.#watched.add(conn);
+        onClosed(conn, () => this.unsubscribeAll(conn));
+      }
     }
     if (subscriber.topics.has(topic)) return;
     subscriber.topics.add(topic);
@@ -237,8 +243,7 @@ export class Topics {
   }
 
   /**
-   * Unsubscribes `conn` from every topic: call it when the connection ends
-   * (a publish also drops closed connections it meets).
+   * Unsubscribes `conn` from every topic (which its closing also does).
    *
    * @param conn The connection.
    */
@@ -313,15 +318,9 @@ export class Topics {
     if (subscribers === undefined) return 0;
     let delivered = 0;
     for (const subscriber of [...subscribers]) {
-      const conn = subscriber.conn;
-      if (conn === exclude) continue;
-      if (conn.closed) {
-        this.unsubscribeAll(conn);
-      } else if (subscriber.enqueue(message, this.#maxQueue)) {
-        delivered++;
-      } else {
-        this.#drop(subscriber);
-      }
+      if (subscriber.conn === exclude) continue;
+      if (subscriber.enqueue(message, this.#maxQueue)) delivered++;
+      else this.#drop(subscriber);
     }
     return delivered;
   }

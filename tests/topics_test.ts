@@ -87,14 +87,21 @@ Deno.test("a subscriber that never reads is dropped with 1008 and the others kee
   stalled.raw.close();
 });
 
-Deno.test("publish() forgets connections that have closed", () => {
+Deno.test("a connection is unsubscribed from everything when it closes", async () => {
   const topics = new Topics();
   const gone = pair();
   topics.subscribe(gone.server, "room");
-  gone.server.close();
-  assert.equal(topics.publish("room", "x"), 0);
+  topics.subscribe(gone.server, "other");
+  // Closed by the peer's closing handshake, not by the application.
+  await gone.client.closeGracefully();
+  await gone.server.readMessage().catch(() => {});
+  assert.equal(gone.server.closed, true);
   assert.equal(topics.subscriberCount("room"), 0);
-  gone.client.close();
+  assert.equal(topics.subscriberCount("other"), 0);
+  assert.deepEqual(topics.topicsOf(gone.server), []);
+  // A closed connection is not subscribed at all.
+  topics.subscribe(gone.server, "room");
+  assert.equal(topics.subscriberCount("room"), 0);
 });
 
 Deno.test("Topics checks its options and publish() its type", () => {
