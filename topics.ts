@@ -94,6 +94,8 @@ export interface PublishOptions {
 }
 
 const DEFAULT_MAX_QUEUE = 256;
+/** How long a failed broker subscription waits before it is tried again. */
+const SUBSCRIBE_RETRY_MS = 1000;
 /** How long a dropped subscriber's close frame may take. */
 const DROP_CLOSE_TIMEOUT = 1000;
 /** Envelope: an 8-byte origin, one byte of message type, the payload. */
@@ -216,9 +218,7 @@ export class Topics {
     if (subscribers === undefined) {
       subscribers = new Set();
       this.#byTopic.set(topic, subscribers);
-      this.#brokerCall(
-        this.#broker?.subscribe(topic, (payload) => this.#received(payload)),
-      );
+      this.#brokerSubscribe(topic);
     }
     subscribers.add(subscriber);
   }
@@ -373,8 +373,30 @@ export class Topics {
     this.#deliver(topic, new PreparedMessage(type, data), undefined);
   }
 
+  /**
+   * Subscribes the broker to `topic`. A subscription that fails (the broker
+   * is down) is retried every second while the topic has local subscribers,
+   * or it would never come back with the broker.
+   */
+  #brokerSubscribe(topic: string): void {
+    if (this.#broker === undefined) return;
+    this.#brokerCall(
+      this.#broker.subscribe(topic, (payload) => this.#received(payload)),
+      () => {
+        const retry = setTimeout(() => {
+          if (this.#byTopic.has(topic)) this.#brokerSubscribe(topic);
+        }, SUBSCRIBE_RETRY_MS);
+        // A retry alone does not keep the process alive.
+        Deno.unrefTimer(retry);
+      },
+    );
+  }
+
   /** Observes a broker call: failures go to onBrokerError, never unhandled. */
-  #brokerCall(call: Promise<void> | undefined): void {
+  #brokerCall(
+    call: Promise<void> | undefined,
+    onFailure?: () => void,
+  ): void {
     call?.then(() => {
       this.#brokerFailing = false;
     }, (error) => {
@@ -384,6 +406,7 @@ export class Topics {
         console.error("Topics: onBrokerError threw:", hookError);
       }
       this.#brokerFailing = true;
+      onFailure?.();
     });
   }
 }

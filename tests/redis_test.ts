@@ -139,6 +139,35 @@ Deno.test("Redis killed and restarted: local delivery goes on, errors are report
   }
 });
 
+Deno.test("a topic subscribed while Redis is down is subscribed once Redis is back", async () => {
+  const redis = await startRedis();
+  const brokers = await Promise.all([
+    RedisBroker.connect(redis.url, { onError() {} }),
+    RedisBroker.connect(redis.url, { onError() {} }),
+  ]);
+  try {
+    const failures: unknown[] = [];
+    const [here, there] = brokers.map((broker) =>
+      new Topics({ broker, onBrokerError: (e) => failures.push(e) })
+    );
+    await redis.stop();
+    const late = pair();
+    there.subscribe(late.server, "late");
+    while (failures.length === 0) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    await redis.start();
+    await untilSubscribed(redis, "ws:late", 1);
+    here.publish("late", "made it");
+    assert.equal(await text(late.client), "made it");
+    late.server.close();
+    late.client.close();
+  } finally {
+    await Promise.all(brokers.map((broker) => broker.close()));
+    await redis.stop();
+  }
+});
+
 Deno.test("RedisBroker.connect() names the address it cannot reach", async () => {
   const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const url = `redis://127.0.0.1:${probe.addr.port}`;
