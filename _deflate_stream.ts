@@ -714,12 +714,176 @@ function sweepInflaters(): void {
  * connection holds an inflater) frees what has been unused for over a
  * second; a connection frees its own when it closes.
  */
+/** What an {@linkcode InflaterSlot} inflates with. */
+interface Inflater {
+  inflate(data: Uint8Array, options: InflateOptions): Promise<Uint8Array[]>;
+  close(): void;
+}
+
+/** The LZ77 window a DEFLATE stream may refer back into: 32 KiB. */
+const WINDOW = 32 * 1024;
+
+/**
+ * Inflates a peer that uses context takeover (RFC 7692 section 7.1.1): its
+ * messages may refer back into the ones before, so one node:zlib stream
+ * carries all of them, and only the section 7.2.2 tail is appended (no
+ * sentinel: it would shift the window the peer compresses against). The
+ * last 32 KiB of output are kept, so that `suspend()` can free the zlib
+ * state of an idle connection: a new stream is primed with them, as one
+ * stored block whose output is dropped (Deno's node:zlib ignores a raw
+ * stream's `dictionary`). Input goes in slices small enough that the output
+ * cannot pass the read limit by more than one slice's worth.
+ */
+class ContextInflater implements Inflater {
+  #zlib: zlib.InflateRaw | undefined;
+  #chunks: Uint8Array[] = [];
+  #failed: ((error: unknown) => void) | undefined;
+  #produced = 0; // inflated bytes of the current message
+  /** The last WINDOW bytes of output, as a ring, and how much is real. */
+  #window = new Uint8Array(WINDOW);
+  #windowEnd = 0;
+  #windowFull = false;
+
+  async inflate(
+    data: Uint8Array,
+    options: InflateOptions,
+  ): Promise<Uint8Array[]> {
+    const out: Uint8Array[] = [];
+    try {
+      for (let offset = 0; offset < data.length;) {
+        const size = Math.max(
+          MIN_INFLATE_SLICE,
+          Math.min(
+            MAX_SLICE,
+            Math.floor((options.limit - this.#produced) / MAX_EXPANSION),
+          ),
+        );
+        this.#take(
+          await this.#push(data.subarray(offset, offset + size)),
+          options.limit,
+          out,
+        );
+        offset += size;
+      }
+      if (options.final) {
+        this.#take(await this.#push(SYNC_TAIL), options.limit, out);
+        this.#produced = 0;
+      }
+      return out;
+    } catch (error) {
+      this.close();
+      if (error instanceof InflateError) throw error;
+      throw new InflateError(
+        1007,
+        "Cannot inflate message: the data is not a valid DEFLATE stream",
+        { cause: error },
+      );
+    }
+  }
+
+  /** Frees the zlib state; the window is kept for the next message. */
+  suspend(): void {
+    this.#zlib?.close();
+    this.#zlib = undefined;
+  }
+
+  /** Frees everything: the connection is done with the inflater. */
+  close(): void {
+    this.suspend();
+    this.#windowEnd = 0;
+    this.#windowFull = false;
+    this.#produced = 0;
+  }
+
+  /** A new stream, primed with the window of the messages before. */
+  async #open(): Promise<zlib.InflateRaw> {
+    const stream = zlib.createInflateRaw();
+    stream.on("data", (chunk: Uint8Array) => this.#chunks.push(chunk));
+    stream.on("error", (error: unknown) => this.#failed?.(error));
+    const window = this.#windowFull
+      ? concat([
+        this.#window.subarray(this.#windowEnd),
+        this.#window.subarray(0, this.#windowEnd),
+      ])
+      : this.#window.subarray(0, this.#windowEnd);
+    if (window.length > 0) {
+      // A non-final stored block (RFC 1951 section 3.2.4): its bytes land
+      // in the LZ77 window as if they had just been inflated.
+      const n = window.length;
+      const block = new Uint8Array(5 + n);
+      block.set([0x00, n & 0xff, n >> 8, ~n & 0xff, (~n >> 8) & 0xff]);
+      block.set(window, 5);
+      await this.#write(stream, block);
+    }
+    return stream;
+  }
+
+  /** Writes `bytes` with a sync flush; resolves what they inflated to. */
+  async #push(bytes: Uint8Array): Promise<Uint8Array[]> {
+    this.#zlib ??= await this.#open();
+    return await this.#write(this.#zlib, bytes);
+  }
+
+  #write(stream: zlib.InflateRaw, bytes: Uint8Array): Promise<Uint8Array[]> {
+    return new Promise((resolve, reject) => {
+      this.#failed = reject;
+      stream.write(bytes);
+      stream.flush(zlib.constants.Z_SYNC_FLUSH, () => {
+        this.#failed = undefined;
+        // Corrupt data destroys the stream at once; its "error" event may
+        // come only after this callback.
+        if (stream.destroyed) {
+          reject(new Error("Cannot inflate: corrupt DEFLATE data"));
+        } else {
+          resolve(this.#chunks.splice(0));
+        }
+      });
+    });
+  }
+
+  /** Counts `chunks` against the limit and into the window; appends them. */
+  #take(chunks: Uint8Array[], limit: number, out: Uint8Array[]): void {
+    for (const chunk of chunks) {
+      this.#produced += chunk.length;
+      if (this.#produced > limit) {
+        throw new InflateError(
+          1009,
+          `Cannot inflate message: it exceeds the read limit of ${limit} bytes`,
+        );
+      }
+      this.#remember(chunk);
+      out.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
+    }
+  }
+
+  #remember(chunk: Uint8Array): void {
+    const tail = chunk.length > WINDOW
+      ? chunk.subarray(chunk.length - WINDOW)
+      : chunk;
+    const first = Math.min(tail.length, WINDOW - this.#windowEnd);
+    this.#window.set(tail.subarray(0, first), this.#windowEnd);
+    this.#window.set(tail.subarray(first), 0);
+    const end = this.#windowEnd + tail.length;
+    if (end >= WINDOW) this.#windowFull = true;
+    this.#windowEnd = end % WINDOW;
+  }
+}
+
 export class InflaterSlot {
-  #inflater: MessageInflater | undefined;
+  readonly #takeover: boolean;
+  #inflater: Inflater | undefined;
   /** The sweep tick of the last use. */
   used = 0;
   /** A message is part-way through the inflater: it must not be freed. */
   busy = false;
+
+  /**
+   * @param takeover The peer may use context takeover: one inflater keeps
+   * its window for the connection's life (suspended while idle).
+   */
+  constructor(takeover: boolean) {
+    this.#takeover = takeover;
+  }
 
   /** Inflates a piece of the current message (see MessageInflater). */
   async inflate(
@@ -727,8 +891,10 @@ export class InflaterSlot {
     final: boolean,
     limit: number,
   ): Promise<Uint8Array[]> {
-    if (this.#inflater === undefined) {
-      this.#inflater = new MessageInflater();
+    if (this.#inflater === undefined || !inflaterSlots.has(this)) {
+      this.#inflater ??= this.#takeover
+        ? new ContextInflater()
+        : new MessageInflater();
       inflaterSlots.add(this);
       if (sweepTimer === undefined) {
         sweepTimer = setInterval(sweepInflaters, INFLATER_SWEEP_INTERVAL);
@@ -748,11 +914,18 @@ export class InflaterSlot {
     }
   }
 
-  /** Frees the inflater (a later message creates a new one). */
+  /**
+   * Frees the inflater (a later message creates a new one), or with context
+   * takeover only its zlib state, keeping the window it resumes from.
+   */
   release(): void {
     if (this.#inflater === undefined) return;
-    this.#inflater.close();
-    this.#inflater = undefined;
+    if (this.#inflater instanceof ContextInflater) {
+      this.#inflater.suspend();
+    } else {
+      this.#inflater.close();
+      this.#inflater = undefined;
+    }
     this.busy = false;
     inflaterSlots.delete(this);
     if (inflaterSlots.size === 0 && sweepTimer !== undefined) {

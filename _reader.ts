@@ -102,6 +102,8 @@ export interface ReaderOptions {
   head?: Uint8Array;
   /** permessage-deflate was negotiated: RSV1 marks a compressed message. */
   compression: boolean;
+  /** The peer may compress with context takeover (RFC 7692 section 7.1.1). */
+  contextTakeover: boolean;
 }
 
 /**
@@ -140,6 +142,7 @@ export class Reader {
   readonly #hooks: ReaderHooks;
   readonly #client: boolean;
   readonly #compression: boolean;
+  readonly #contextTakeover: boolean;
   #closed = false;
   #bufferSize: number;
   #rbuf: Uint8Array;
@@ -203,6 +206,7 @@ export class Reader {
     this.#hooks = hooks;
     this.#client = options.client;
     this.#compression = options.compression;
+    this.#contextTakeover = options.contextTakeover;
     this.#bufferSize = options.bufferSize;
     const head = options.head;
     if (head !== undefined && head.length > 0) {
@@ -783,7 +787,7 @@ export class Reader {
     }
     const final = this.#remaining === 0 && this.#frameFin;
     const limit = this.#readLimit === 0 ? Infinity : this.#readLimit;
-    const slot = this.#inflaterSlot ??= new InflaterSlot();
+    const slot = this.#inflaterSlot ??= new InflaterSlot(this.#contextTakeover);
     let chunks: Uint8Array[];
     try {
       chunks = await slot.inflate(piece, final, limit);

@@ -377,6 +377,10 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
       bufferSize: Math.max(readBufferSize, MAX_CONTROL_FRAME),
       head: options.head,
       compression: compression !== undefined,
+      contextTakeover: compression !== undefined &&
+        !(client
+          ? compression.serverNoContextTakeover
+          : compression.clientNoContextTakeover),
     }, hooks);
     this.#writer = new Writer(transport, {
       client,

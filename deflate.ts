@@ -5,12 +5,15 @@
  * builds a `Conn` with the negotiated {@linkcode DeflateParameters}.
  *
  * Messages are compressed with the web-standard `CompressionStream` and
- * inflated with `DecompressionStream`, with no context takeover in either
- * direction (RFC 7692 section 7.1.1): every message is compressed on its own,
- * so no sender keeps a compression window between messages. The inflated size
- * of a received message is bounded by the connection's read limit while it is
- * inflated, so a decompression bomb is refused (close 1009) without being
- * expanded.
+ * inflated with `DecompressionStream`, by default with no context takeover in
+ * either direction (RFC 7692 section 7.1.1): every message is compressed on
+ * its own, so no sender keeps a compression window between messages. With
+ * `contextTakeover` the peer may keep its window (browsers and ws do by
+ * default), and its messages are inflated through one node:zlib stream per
+ * connection; this end still compresses each message on its own. The inflated
+ * size of a received message is bounded by the connection's read limit while
+ * it is inflated, so a decompression bomb is refused (close 1009) without
+ * being expanded, with either engine.
  *
  * `CompressionStream` has no level and always uses a 32 KiB window. With a
  * compression level set (`compressionLevel`, `conn.setCompressionLevel()`), or
@@ -60,9 +63,37 @@ const EXTENSION_NAME = "permessage-deflate";
 export const DEFLATE_OFFER =
   "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits";
 
+/**
+ * What the client offers with `contextTakeover`: the server may compress
+ * with context takeover (RFC 7692 section 7.1.1.1), which this library then
+ * inflates; the client itself compresses each message on its own.
+ *
+ * @example The offer of a Dialer with contextTakeover
+ * ```ts title="No server_no_context_takeover in it"
+ * import assert from "node:assert/strict";
+ * import { DEFLATE_TAKEOVER_OFFER } from "@denows/websocket";
+ *
+ * assert.doesNotMatch(DEFLATE_TAKEOVER_OFFER, /server_no_context_takeover/);
+ * ```
+ */
+export const DEFLATE_TAKEOVER_OFFER =
+  "permessage-deflate; client_no_context_takeover; client_max_window_bits";
+
 /** The server's answer before any window parameter: no takeover either way. */
 const DEFLATE_ANSWER =
   "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/** Options of {@linkcode negotiateDeflate} and {@linkcode acceptDeflateResponse}. */
+export interface DeflateNegotiationOptions {
+  /**
+   * Let the peer compress with context takeover (RFC 7692 section 7.1.1):
+   * its messages may refer back into earlier ones, and the connection keeps
+   * an inflater with a 32 KiB window for its life (its zlib state is freed
+   * while idle, the window kept). This end still compresses every message
+   * on its own. Default false: no context takeover either way.
+   */
+  contextTakeover?: boolean;
+}
 
 /**
  * The permessage-deflate parameters both ends agreed on in the handshake
@@ -166,6 +197,9 @@ export class ExtensionNegotiationError extends Error {
  *
  * @param offers The request's `Sec-WebSocket-Extensions` value (several header
  * lines joined with commas, as `Headers.get` does), or null when absent.
+ * @param options `contextTakeover`: let the client compress with context
+ * takeover (the answer then leaves out `client_no_context_takeover` unless
+ * the client offered it).
  * @returns The parameters and the response header, or undefined when no offer
  * can be accepted (the 101 then carries no `Sec-WebSocket-Extensions`).
  *
@@ -187,14 +221,22 @@ export class ExtensionNegotiationError extends Error {
  */
 export function negotiateDeflate(
   offers: string | null,
+  options?: DeflateNegotiationOptions,
 ): DeflateNegotiation | undefined {
   if (offers === null) return undefined;
+  const takeover = options?.contextTakeover ?? false;
   for (const extension of parseExtensions(offers)) {
     if (extension === undefined || extension.name !== EXTENSION_NAME) continue;
     const offer = readParameters(extension.params);
     if (typeof offer === "string") continue; // declined: try the next offer
     const serverMaxWindowBits = offer.serverMaxWindowBits ?? 15;
-    let header = DEFLATE_ANSWER;
+    // server_no_context_takeover may always be answered (section 7.1.1.1):
+    // we never use takeover ourselves. Allowing the client to use it, we
+    // echo its own client_no_context_takeover only.
+    const clientNoContextTakeover = !takeover || offer.clientNoContextTakeover;
+    let header = clientNoContextTakeover
+      ? DEFLATE_ANSWER
+      : "permessage-deflate; server_no_context_takeover";
     if (offer.serverMaxWindowBits !== undefined) {
       header += `; server_max_window_bits=${serverMaxWindowBits}`;
     }
@@ -203,7 +245,7 @@ export function negotiateDeflate(
     return {
       parameters: {
         serverNoContextTakeover: true,
-        clientNoContextTakeover: true,
+        clientNoContextTakeover,
         serverMaxWindowBits,
         clientMaxWindowBits: 15,
       },
@@ -223,7 +265,9 @@ export function negotiateDeflate(
  *
  * @param response The response's `Sec-WebSocket-Extensions` value, or null.
  * @param options `offered: false` when the request carried no offer: any
- * extension in the answer is then refused. Defaults to true.
+ * extension in the answer is then refused (default true).
+ * `contextTakeover`: the offer was {@linkcode DEFLATE_TAKEOVER_OFFER}, so
+ * an answer without `server_no_context_takeover` is accepted.
  * @returns The negotiated parameters, or undefined when the server declined
  * compression (no extension in the answer).
  * @throws {ExtensionNegotiationError} When the answer is malformed, names an
@@ -254,7 +298,7 @@ export function negotiateDeflate(
  */
 export function acceptDeflateResponse(
   response: string | null,
-  options?: { offered?: boolean },
+  options?: { offered?: boolean } & DeflateNegotiationOptions,
 ): DeflateParameters | undefined {
   if (response === null) return undefined;
   const offered = options?.offered ?? true;
@@ -278,11 +322,12 @@ export function acceptDeflateResponse(
         'parameter "client_max_window_bits" needs a value in an answer',
       );
     }
-    if (!answer.serverNoContextTakeover) {
+    const takeover = options?.contextTakeover ?? false;
+    if (!answer.serverNoContextTakeover && !takeover) {
       throw fail('parameter "server_no_context_takeover" is missing');
     }
     result = {
-      serverNoContextTakeover: true,
+      serverNoContextTakeover: answer.serverNoContextTakeover,
       clientNoContextTakeover: answer.clientNoContextTakeover,
       serverMaxWindowBits: answer.serverMaxWindowBits ?? 15,
       clientMaxWindowBits: answer.clientMaxWindowBits ?? 15,

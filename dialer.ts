@@ -11,6 +11,7 @@ import { type BufferPool, Conn } from "./conn.ts";
 import {
   acceptDeflateResponse,
   DEFLATE_OFFER,
+  DEFLATE_TAKEOVER_OFFER,
   type DeflateParameters,
 } from "./deflate.ts";
 import { TOKEN } from "./_http.ts";
@@ -122,6 +123,14 @@ export interface DialerOptions {
    * web-standard `CompressionStream`, which compresses as zlib's level 6.
    */
   compressionLevel?: number;
+  /**
+   * Let the server compress with context takeover (RFC 7692 section
+   * 7.1.1): the offer is {@linkcode DEFLATE_TAKEOVER_OFFER}, and the
+   * connection keeps an inflater with a 32 KiB window for its life (its
+   * zlib state is freed while it is idle). The client still compresses each
+   * message on its own. Default false.
+   */
+  contextTakeover?: boolean;
   /**
    * With compression, data messages shorter than this many bytes are sent
    * uncompressed (default 256; `0` compresses everything).
@@ -281,6 +290,7 @@ export class Dialer {
   #enableCompression: boolean;
   #compressionThreshold: number | undefined;
   #connSettings: ConnSettings;
+  #contextTakeover: boolean;
   #subprotocols: string[];
   #caCerts: string[] | undefined;
   #serverName: string | undefined;
@@ -319,6 +329,7 @@ export class Dialer {
     this.#connect = options.connect ?? connectTcp;
     this.#cookieJar = options.cookieJar;
     this.#enableCompression = options.enableCompression === true;
+    this.#contextTakeover = options.contextTakeover === true;
     const threshold = options.compressionThreshold;
     if (
       threshold !== undefined &&
@@ -474,7 +485,8 @@ export class Dialer {
 
   /** The `Sec-WebSocket-Extensions` offer, or undefined for none. */
   #extensionOffer(): string | undefined {
-    return this.#enableCompression ? DEFLATE_OFFER : undefined;
+    if (!this.#enableCompression) return undefined;
+    return this.#contextTakeover ? DEFLATE_TAKEOVER_OFFER : DEFLATE_OFFER;
   }
 
   /**
@@ -496,7 +508,9 @@ export class Dialer {
       );
     }
     try {
-      return acceptDeflateResponse(answer);
+      return acceptDeflateResponse(answer, {
+        contextTakeover: this.#contextTakeover,
+      });
     } catch (error) {
       const reason = (error as Error).message;
       throw new BadHandshakeError(

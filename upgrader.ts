@@ -128,6 +128,14 @@ export interface UpgraderOptions {
    */
   compressionLevel?: number;
   /**
+   * Let clients compress with context takeover (RFC 7692 section 7.1.1; ws
+   * and browsers do by default), for better compression of similar
+   * messages. Each such connection keeps an inflater with a 32 KiB window
+   * for its life (its zlib state is freed while it is idle). The server
+   * still compresses each message on its own. Default false.
+   */
+  contextTakeover?: boolean;
+  /**
    * With compression, data messages shorter than this many bytes are sent
    * uncompressed (default 256; `0` compresses everything).
    */
@@ -664,7 +672,9 @@ export class Upgrader {
     // permessage-deflate (RFC 7692 section 5): the first offer we can
     // honour is accepted; none leaves the extension off.
     const deflate = this.#options.enableCompression
-      ? negotiateDeflate(headers.get("sec-websocket-extensions"))
+      ? negotiateDeflate(headers.get("sec-websocket-extensions"), {
+        contextTakeover: this.#options.contextTakeover,
+      })
       : undefined;
     const lines = [
       "HTTP/1.1 101 Switching Protocols",

@@ -1316,3 +1316,184 @@ for (
     }
   });
 }
+
+// ------------------------------------------- context takeover (opt in)
+
+/** A peer's compressor with context takeover: one zlib stream, flushed per message. */
+function takeoverDeflater() {
+  const deflater = zlib.createDeflateRaw();
+  const chunks: Uint8Array[] = [];
+  deflater.on(
+    "data",
+    (chunk: Uint8Array) => chunks.push(new Uint8Array(chunk)),
+  );
+  return {
+    /** The message's payload, its 00 00 ff ff tail removed (section 7.2.1). */
+    compress(text: string): Promise<Uint8Array> {
+      return new Promise((resolve) => {
+        deflater.write(utf8(text));
+        deflater.flush(zlib.constants.Z_SYNC_FLUSH, () => {
+          const all = concat(...chunks.splice(0));
+          resolve(all.subarray(0, all.length - 4));
+        });
+      });
+    },
+    close: () => deflater.close(),
+  };
+}
+
+Deno.test("negotiation with contextTakeover lets the peer keep its context, and only then", () => {
+  const server = negotiateDeflate(
+    "permessage-deflate; client_max_window_bits",
+    {
+      contextTakeover: true,
+    },
+  )!;
+  assert.equal(server.header, "permessage-deflate; server_no_context_takeover");
+  assert.equal(server.parameters.clientNoContextTakeover, false);
+  // A client that promised not to use it keeps its promise in the answer.
+  assert.equal(
+    negotiateDeflate("permessage-deflate; client_no_context_takeover", {
+      contextTakeover: true,
+    })!.parameters.clientNoContextTakeover,
+    true,
+  );
+  assert.equal(
+    negotiateDeflate("permessage-deflate")!.parameters.clientNoContextTakeover,
+    true,
+  );
+  const client = acceptDeflateResponse("permessage-deflate", {
+    contextTakeover: true,
+  })!;
+  assert.equal(client.serverNoContextTakeover, false);
+  assert.throws(
+    () => acceptDeflateResponse("permessage-deflate"),
+    /"server_no_context_takeover" is missing/,
+  );
+});
+
+for (const role of ROLES) {
+  Deno.test(`${role}: inflates a peer's context takeover, across an idle pause that frees the inflater`, async () => {
+    const parameters = role === "server"
+      ? negotiateDeflate("permessage-deflate", { contextTakeover: true })!
+        .parameters
+      : acceptDeflateResponse("permessage-deflate", { contextTakeover: true })!;
+    const { conn, remote, send } = compressedPeer(role, {
+      compression: parameters,
+    });
+    const peer = takeoverDeflater();
+    const text = jsonText(5000);
+    const sizes: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const payload = await peer.compress(text);
+      sizes.push(payload.length);
+      await send({ opcode: OP.text, rsv1: true, payload });
+      assert.equal(decoder.decode((await conn.readMessage()).data), text);
+      // Past the sweep (1-2 s idle): the zlib state is freed, the window kept.
+      if (i === 1) await new Promise((resolve) => setTimeout(resolve, 2500));
+    }
+    // The later copies refer back to the first: a few bytes each.
+    assert.ok(
+      sizes[1] < sizes[0] / 10 && sizes[2] < sizes[0] / 10,
+      String(sizes),
+    );
+    peer.close();
+    conn.close();
+    remote.close();
+  });
+}
+
+Deno.test("with context takeover, a bomb is still refused with 1009 and corrupt data with 1007", async () => {
+  const parameters = negotiateDeflate("permessage-deflate", {
+    contextTakeover: true,
+  })!.parameters;
+  {
+    const { conn, remote, send } = compressedPeer("server", {
+      compression: parameters,
+    });
+    conn.setReadLimit(1 << 20);
+    const bomb = deflate(new Uint8Array(64 << 20));
+    assert.ok(bomb.length < 100_000, `${bomb.length} B`);
+    await send({ opcode: OP.binary, rsv1: true, payload: bomb });
+    const error = await conn.readMessage().catch((e) => e);
+    assert.equal(error.code, 1009);
+    conn.close();
+    remote.close();
+  }
+  {
+    const { conn, remote, send } = compressedPeer("server", {
+      compression: parameters,
+    });
+    await send({
+      opcode: OP.text,
+      rsv1: true,
+      payload: new Uint8Array([0xff, 0xff, 0xff, 0xff, 0x00]),
+    });
+    const error = await conn.readMessage().catch((e) => e);
+    assert.equal(error.code, 1007);
+    conn.close();
+    remote.close();
+  }
+});
+
+Deno.test("ws in its default mode (context takeover) echoes through an Upgrader and a Dialer with contextTakeover", async () => {
+  const text = jsonText(3000);
+  // ws client -> our server.
+  await withServer(
+    new Upgrader({ enableCompression: true, contextTakeover: true }),
+    async (url, accepted) => {
+      const ws = new NodeWebSocket(url, { perMessageDeflate: true });
+      const echoing = accepted.then(echo);
+      await new Promise((resolve) => ws.once("open", resolve));
+      for (let i = 0; i < 5; i++) {
+        const reply = new Promise<string>((resolve) =>
+          ws.once(
+            "message",
+            (data: Uint8Array) => resolve(decoder.decode(data)),
+          )
+        );
+        ws.send(text);
+        assert.equal(await reply, text);
+      }
+      assert.equal(
+        (await accepted).compression?.clientNoContextTakeover,
+        false,
+      );
+      const closed = new Promise((resolve) => ws.once("close", resolve));
+      ws.close(1000);
+      await closed;
+      await echoing;
+    },
+  );
+  // Our client -> ws server (which then compresses with takeover).
+  const wss = new WebSocketServer({
+    host: "127.0.0.1",
+    port: 0,
+    perMessageDeflate: true,
+  });
+  await new Promise((resolve) => wss.once("listening", resolve));
+  wss.on(
+    "connection",
+    (socket: NodeWebSocket) =>
+      socket.on(
+        "message",
+        (data: Uint8Array, binary: boolean) => socket.send(data, { binary }),
+      ),
+  );
+  try {
+    const port = (wss.address() as { port: number }).port;
+    const { conn } = await new Dialer({
+      enableCompression: true,
+      contextTakeover: true,
+    })
+      .dial(`ws://127.0.0.1:${port}/`);
+    assert.equal(conn.compression?.serverNoContextTakeover, false);
+    for (let i = 0; i < 5; i++) {
+      await conn.writeMessage(MESSAGE_TYPE.Text, text);
+      assert.equal(decoder.decode((await conn.readMessage()).data), text);
+    }
+    await conn.closeGracefully(1000, "", { timeout: 2000 });
+  } finally {
+    await new Promise((resolve) => wss.close(resolve));
+  }
+});

@@ -65,6 +65,7 @@ function readerOf(
     client: options.client ?? false,
     bufferSize: 4096,
     compression: options.compression ?? false,
+    contextTakeover: false,
   }, hooks);
   return { reader, asked };
 }
