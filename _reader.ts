@@ -25,17 +25,40 @@ import { maskInPlace } from "./_mask.ts";
 import { Utf8Validator } from "./_utf8.ts";
 import { InflateError, InflaterSlot } from "./_deflate_stream.ts";
 import { COPY_LIMIT, FRAME_HEADROOM, headroomBuffers } from "./_writer.ts";
+import { handBack, takePayloadBuffer } from "./_payload_pool.ts";
 
-/** A data message read from a `Conn`. */
-export interface Message {
+/**
+ * A data message read from a `Conn`.
+ *
+ * Disposing it (`using`) hands the memory of a large payload back to the
+ * library, which reads the next large message into it instead of into fresh
+ * memory: a loop that moves large messages should dispose each one when it
+ * is done with it. `data` is empty from then on (its buffer is detached).
+ */
+export interface Message extends Disposable {
   /** `MESSAGE_TYPE.Text` or `MESSAGE_TYPE.Binary`. */
   type: DataMessageType;
   /**
-   * The payload; for text, valid UTF-8. A small message may be a view into
-   * the buffer it was read into (`data.buffer` is then larger than the
-   * message); its bytes are never overwritten.
+   * The payload; for text, valid UTF-8. It may be a view into a larger
+   * buffer (`data.buffer` is then larger than the message); its bytes are
+   * never overwritten while the message is not disposed.
    */
   data: Uint8Array;
+}
+
+/** The one Message shape every read returns. */
+class ReadMessage implements Message {
+  type: DataMessageType;
+  data: Uint8Array;
+
+  constructor(type: DataMessageType, data: Uint8Array) {
+    this.type = type;
+    this.data = data;
+  }
+
+  [Symbol.dispose](): void {
+    handBack(this.data);
+  }
 }
 
 /** Options of the read methods of `Conn`. */
@@ -335,7 +358,7 @@ export class Reader {
         const data = await this.#readFramePayload();
         this.#messagePending = false;
         this.#handling = true;
-        return { type, data };
+        return new ReadMessage(type, data);
       }
       while (!this.#messageCompressed) {
         while (this.#remaining > 0) {
@@ -356,7 +379,7 @@ export class Reader {
       }
       this.#messagePending = false;
       this.#handling = true;
-      return { type, data: payload.result() };
+      return new ReadMessage(type, payload.result());
     } catch (error) {
       throw this.#failRead(error);
     } finally {
@@ -456,7 +479,7 @@ export class Reader {
     // Deno, more than the rest of this path. The read buffer is then lent
     // and never overwritten (see #prepareFill).
     this.#lent = true;
-    return { type: h.opcode, data: payload };
+    return new ReadMessage(h.opcode, payload);
   }
 
   /** Whether a whole frame waits in the buffer (never throws). */
@@ -666,11 +689,12 @@ export class Reader {
    * the whole frame before its bytes arrive is safe up to MAX_CHUNK because
    * large buffers are committed lazily (calloc'd pages become resident only
    * when written), so a header that merely claims a big length costs
-   * address space, not memory.
+   * address space, not memory. A buffer handed back by disposing an
+   * earlier message is reused instead where one fits (see _payload_pool.ts).
    */
   async #readFramePayload(): Promise<Uint8Array> {
     const length = this.#remaining;
-    const buffer = new ArrayBuffer(FRAME_HEADROOM + length);
+    const buffer = takePayloadBuffer(FRAME_HEADROOM + length);
     const data = new Uint8Array(buffer, FRAME_HEADROOM, length);
     await this.#readPayloadInto(data);
     headroomBuffers.add(buffer);

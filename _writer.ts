@@ -4,6 +4,7 @@
 // looks at read state: its one hook (WriterHooks.fail) hands a protocol
 // error found while writing to the closing logic.
 
+import { holdWhileWriting } from "./_payload_pool.ts";
 import {
   CLOSE_CODE,
   CloseError,
@@ -428,6 +429,9 @@ export class Writer {
     } else {
       written = this.#writeLocked(0x80 | type, bytes);
     }
+    // Held until written, not until an abort gives up waiting: the frame
+    // stays queued.
+    holdWhileWriting(bytes, written);
     return signal === undefined ? written : this.#bounded(written, 0, signal);
   }
 
@@ -845,7 +849,7 @@ class FragmentWriter implements MessageWriter {
     } catch (error) {
       return Promise.reject(error);
     }
-    return this.#then(() => this.#write(bytes));
+    return holdWhileWriting(bytes, this.#then(() => this.#write(bytes)));
   }
 
   close(): Promise<void> {

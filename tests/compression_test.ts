@@ -512,7 +512,8 @@ for (const role of ROLES) {
     const text = jsonText(20_000);
     const payload = deflate(text);
     await send({ opcode: OP.text, rsv1: true, payload });
-    assert.deepEqual(await conn.readMessage(), {
+    const { type, data } = await conn.readMessage();
+    assert.deepEqual({ type, data }, {
       type: MESSAGE_TYPE.Text,
       data: utf8(text),
     });

@@ -75,11 +75,14 @@ function masked(spec: RawFrame): Uint8Array {
   return frame({ ...spec, mask: true });
 }
 
+/** A message's type and a copy of its bytes. */
+type Received = Pick<Message, "type" | "data">;
+
 /** Reads messages until the read side fails; returns both. */
 async function readAll(
   reader: Reader,
-): Promise<{ messages: Message[]; error: unknown }> {
-  const messages: Message[] = [];
+): Promise<{ messages: Received[]; error: unknown }> {
+  const messages: Received[] = [];
   while (true) {
     try {
       const { type, data } = await reader.readMessage(undefined);
@@ -90,7 +93,7 @@ async function readAll(
   }
 }
 
-const text = (message: Message) => new TextDecoder().decode(message.data);
+const text = (message: Received) => new TextDecoder().decode(message.data);
 
 /** RFC 7692 section 7.2.1: DEFLATE with the final 00 00 ff ff removed. */
 function compressed(data: string): Uint8Array {

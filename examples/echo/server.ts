@@ -66,8 +66,10 @@ export const READ_LIMIT = 4 * 1024 * 1024;
 export async function echo(conn: Conn): Promise<void> {
   try {
     for (;;) {
-      const { type, data } = await conn.readMessage();
-      await conn.writeMessage(type, data);
+      // Disposing each message once echoed hands its memory back for the
+      // next one: large messages then cost no fresh pages.
+      using message = await conn.readMessage();
+      await conn.writeMessage(message.type, message.data);
     }
   } catch (error) {
     // A peer that broke the protocol or a limit was told why in the close
