@@ -1,8 +1,9 @@
 /**
  * The client side of the opening handshake (RFC 6455 section 4.1): a
  * {@linkcode Dialer} opens a `ws://` or `wss://` connection, optionally through
- * an HTTP CONNECT or SOCKS5 proxy, checks the server's 101 answer and returns
- * a {@linkcode Conn} with the same API as on the server side.
+ * an HTTP CONNECT or SOCKS5 proxy, or a `ws+unix://` one over a Unix socket,
+ * checks the server's 101 answer and returns a {@linkcode Conn} with the same
+ * API as on the server side.
  *
  * @module
  */
@@ -51,8 +52,10 @@ export interface ConnectAddress {
 }
 
 /**
- * Opens the byte stream a handshake runs over (gorilla's `NetDial`). It must
- * honour the signal: when it aborts, reject and leave nothing open.
+ * Opens the byte stream a handshake runs over (gorilla's `NetDial`, or
+ * `NetDialTLSContext` as {@linkcode DialerOptions.connectTls}). It should
+ * honour the signal: when it aborts, reject and leave nothing open (a
+ * connection that arrives after the abort is closed).
  */
 export type ConnectFunction = (
   address: ConnectAddress,
@@ -143,13 +146,55 @@ export interface DialerOptions {
    */
   serverName?: string;
   /**
+   * A PEM client certificate chain presented to a `wss:` server that asks
+   * for one (mutual TLS); needs `key`. Deno can present one only on a TLS
+   * connection it opens itself (`Deno.connectTls`), not over an existing
+   * one (`Deno.startTls`). So the server's certificate must match the URL's
+   * host, and a client certificate cannot be combined with `serverName`,
+   * `connect` or `connectTls` (a TypeError here), nor with a proxy for a
+   * `wss:` URL (a TypeError from the dial).
+   */
+  cert?: string;
+  /** The PEM private key of `cert`. */
+  key?: string;
+  /**
+   * Protocols offered through ALPN (RFC 7301) in the TLS handshake with a
+   * `wss:` server; absent means no ALPN extension. The opening handshake is
+   * an HTTP/1.1 request (RFC 6455 section 4.1), so the only protocol a
+   * server may pick and still understand it is `"http/1.1"`; offer
+   * `["http/1.1"]` for a server or load balancer that routes by ALPN or
+   * would otherwise choose HTTP/2. `"h2"`, `"h2c"` and `"h3"` are refused
+   * with a TypeError: a server that picks one expects HTTP/2 or HTTP/3
+   * frames (and WebSocket over HTTP/2, RFC 8441, is not supported).
+   */
+  alpnProtocols?: string[];
+  /**
    * Chooses a proxy per target; absent means no proxy. A `wss:` target
    * cannot go through an `https:` proxy (Deno cannot run TLS inside TLS):
-   * such a dial throws a TypeError.
+   * such a dial throws a TypeError. `ws+unix:` URLs never use a proxy.
    */
   proxy?: ProxyFunction;
-  /** Opens the TCP connection; absent means `Deno.connect`. */
+  /**
+   * Opens the TCP connection, to the server or to the proxy; absent means
+   * `Deno.connect`. For `wss:`, TLS then runs over it with `Deno.startTls`,
+   * which needs a `Deno.TcpConn`. It may also ignore the address and open
+   * some other stream, a Unix socket say, for a `ws:` URL whose host then
+   * only fills the Host line (see the {@linkcode Dialer} examples).
+   */
   connect?: ConnectFunction;
+  /**
+   * Opens the TLS connection to a `wss:` server dialed without a proxy
+   * (gorilla's `NetDialTLSContext`), for TLS settings the dialer has no
+   * option for. Its result is used as it is: the dialer runs no TLS of its
+   * own on top, and `caCerts`, `serverName` and `alpnProtocols` do not apply
+   * to it. If it is a `Deno.TlsConn`, the dialer waits for its handshake,
+   * and refuses it when the server chose HTTP/2 or HTTP/3 through ALPN.
+   * `connect` still opens `ws:` connections and every proxy connection;
+   * through a proxy, TLS to a `wss:` server runs over the tunnel with
+   * `Deno.startTls` and this function is not called, since it opens its own
+   * connection and cannot take the tunnel.
+   */
+  connectTls?: ConnectFunction;
   /** Sends and stores cookies; absent means no cookies. */
   cookieJar?: CookieJar;
   /**
@@ -281,6 +326,36 @@ const encoder = new TextEncoder();
  * await conn.closeGracefully(1000, "bye", { timeout: 1000 });
  * await server.shutdown();
  * ```
+ *
+ * @example Dialing a Unix socket, by URL or with connect
+ * ```ts title="Unix sockets"
+ * import assert from "node:assert/strict";
+ * import { Dialer } from "@denows/websocket";
+ *
+ * const path = await Deno.makeTempFile();
+ * await Deno.remove(path);
+ * const server = Deno.serve({ path, onListen() {} }, (request) => {
+ *   const { socket, response } = Deno.upgradeWebSocket(request);
+ *   socket.onopen = () => socket.send(new URL(request.url).pathname);
+ *   return response;
+ * });
+ *
+ * // The ws (npm) convention: the socket path, a colon, the request path.
+ * const byUrl = await new Dialer().dial(`ws+unix://${path}:/chat`);
+ * const first = await byUrl.conn.readMessage();
+ * assert.equal(new TextDecoder().decode(first.data), "/chat");
+ * await byUrl.conn.closeGracefully(1000, "", { timeout: 1000 });
+ *
+ * // Or a connect that opens the socket: the URL's host fills the Host line.
+ * const unix = new Dialer({
+ *   connect: () => Deno.connect({ transport: "unix", path }),
+ * });
+ * const byConnect = await unix.dial("ws://localhost/news");
+ * const second = await byConnect.conn.readMessage();
+ * assert.equal(new TextDecoder().decode(second.data), "/news");
+ * await byConnect.conn.closeGracefully(1000, "", { timeout: 1000 });
+ * await server.shutdown(); // which removes the socket file
+ * ```
  */
 export class Dialer {
   #handshakeTimeout: number;
@@ -296,6 +371,9 @@ export class Dialer {
   #serverName: string | undefined;
   #proxy: ProxyFunction | undefined;
   #connect: ConnectFunction;
+  #connectTls: ConnectFunction | undefined;
+  #clientCertificate: boolean;
+  #alpnProtocols: string[] | undefined;
   #cookieJar: CookieJar | undefined;
 
   /**
@@ -307,7 +385,10 @@ export class Dialer {
    * number, the compression threshold or the read limit is not a
    * non-negative integer, or a keepalive time is not a valid number of
    * milliseconds.
-   * @throws {TypeError} When a subprotocol is not a token or repeats.
+   * @throws {TypeError} When a subprotocol is not a token or repeats, an
+   * ALPN protocol is not acceptable, `connect` or `connectTls` is not a
+   * function, or a client certificate comes without its key (or the other
+   * way round) or with an option it cannot be used with.
    */
   constructor(options: DialerOptions = {}) {
     checkConnSettings("Cannot create the dialer", options);
@@ -326,7 +407,18 @@ export class Dialer {
     this.#caCerts = options.caCerts;
     this.#serverName = options.serverName;
     this.#proxy = options.proxy;
-    this.#connect = options.connect ?? connectTcp;
+    this.#connect = checkFunction("connect", options.connect) ?? connectTcp;
+    this.#alpnProtocols = checkAlpnProtocols(options.alpnProtocols);
+    this.#clientCertificate = checkClientCertificate(options);
+    this.#connectTls = checkFunction("connectTls", options.connectTls) ??
+      (this.#clientCertificate
+        ? connectTlsWith({
+          caCerts: this.#caCerts,
+          alpnProtocols: this.#alpnProtocols,
+          cert: options.cert!,
+          key: options.key!,
+        })
+        : undefined);
     this.#cookieJar = options.cookieJar;
     this.#enableCompression = options.enableCompression === true;
     this.#contextTakeover = options.contextTakeover === true;
@@ -345,11 +437,18 @@ export class Dialer {
   /**
    * Opens a WebSocket connection to `url` (gorilla's `DialContext`).
    *
-   * @param url A `ws:` or `wss:` URL without user info.
+   * A `ws+unix:` URL (the convention of npm's `ws`) dials a Unix socket:
+   * `ws+unix:///path/to/socket:/request/path?query` connects to
+   * `/path/to/socket` with `Deno.connect({ transport: "unix", path })` (not
+   * `connect`, which opens TCP) and asks for `/request/path?query` (`/` when
+   * nothing follows the socket path) with the Host line `localhost`. The
+   * socket path is percent-decoded and ends at its first `:`.
+   *
+   * @param url A `ws:`, `wss:` or `ws+unix:` URL without user info.
    * @param options Extra headers and an abort signal.
    * @returns The connection and the server's 101 response.
-   * @throws {TypeError} When the URL is not `ws:` / `wss:`, holds user info,
-   * or a header clashes with the handshake's own.
+   * @throws {TypeError} When the URL is not `ws:` / `wss:` / `ws+unix:`,
+   * holds user info, or a header clashes with the handshake's own.
    * @throws {BadHandshakeError} When the server answers anything but a valid
    * upgrade (a wrong status, accept key, subprotocol or extension).
    * @throws {ProxyError} When the proxy refuses the tunnel.
@@ -379,10 +478,10 @@ export class Dialer {
     try {
       signal.throwIfAborted();
       const cookies = this.#cookieJar === undefined ? [] : await abortable(
-        Promise.resolve(this.#cookieJar.getCookies(new URL(target))),
+        Promise.resolve(this.#cookieJar.getCookies(new URL(target.url))),
         signal,
       );
-      const request = formatRequest(target, {
+      const request = formatRequest(target.path, {
         hostLine: hostLine ?? target.host,
         key,
         offered,
@@ -403,7 +502,7 @@ export class Dialer {
         if (setCookies.length > 0) {
           await abortable(
             Promise.resolve(
-              this.#cookieJar.setCookies(new URL(target), setCookies),
+              this.#cookieJar.setCookies(new URL(target.url), setCookies),
             ),
             signal,
           );
@@ -524,32 +623,62 @@ export class Dialer {
   }
 
   /**
-   * Opens the byte stream to the server: TCP, through the proxy if there is
-   * one, then TLS for `wss:`. `hold` is told of every connection as soon as
-   * it exists, so an abort can close it at any stage.
+   * Opens the byte stream to the server: a Unix socket, or TCP, through the
+   * proxy if there is one, then TLS for `wss:` (or `connectTls` at once).
+   * `hold` is told of every connection as soon as it exists, so an abort can
+   * close it at any stage.
    */
   async #openStream(
-    target: URL,
+    target: Target,
     signal: AbortSignal,
     hold: (conn: Deno.Conn) => void,
   ): Promise<Deno.Conn> {
-    const proxy = await this.#proxyFor(target, signal);
-    const address = addressOf(target);
+    const { url } = target;
     // No query: it may carry a token, and errors end up in logs.
-    const dialing =
-      `Cannot dial ${target.protocol}//${target.host}${target.pathname}`;
+    const dialing = `Cannot dial ${url.protocol}//${url.host}${url.pathname}`;
+    if (target.socketPath !== undefined) {
+      const path = target.socketPath;
+      const conn = await this.#open(
+        () => Deno.connect({ transport: "unix", path }),
+        signal,
+        dialing,
+      );
+      hold(conn);
+      return conn;
+    }
+    const proxy = await this.#proxyFor(url, signal);
+    const address = addressOf(url);
+    const secure = url.protocol === "wss:";
     let conn: Deno.Conn;
     if (proxy === null) {
-      conn = await this.#open(address, signal, dialing);
+      const connectTls = secure ? this.#connectTls : undefined;
+      conn = await this.#open(
+        () => (connectTls ?? this.#connect)(address, { signal }),
+        signal,
+        dialing,
+      );
       hold(conn);
+      if (connectTls !== undefined) {
+        try {
+          await checkTls(conn);
+        } catch (error) {
+          throw withContext(error, `${dialing}: the TLS handshake failed`);
+        }
+        return conn;
+      }
     } else {
-      if (proxy.protocol === "https:" && target.protocol === "wss:") {
+      if (proxy.protocol === "https:" && secure) {
         throw new TypeError(
           "Cannot dial a wss: URL through an https: proxy: Deno cannot run TLS inside a TLS connection",
         );
       }
+      if (this.#clientCertificate && secure) {
+        throw new TypeError(
+          "Cannot dial a wss: URL through a proxy with a client certificate: Deno.startTls cannot present one",
+        );
+      }
       conn = await this.#open(
-        addressOf(proxy),
+        () => this.#connect(addressOf(proxy), { signal }),
         signal,
         `${dialing} through the proxy ${redact(proxy)}`,
       );
@@ -567,12 +696,17 @@ export class Dialer {
         await connectThroughSocks5(conn, proxy, address);
       }
     }
-    if (target.protocol === "wss:") {
+    if (secure) {
       try {
         conn = await startTls(
           conn,
-          this.#serverName ?? unbracket(target.hostname),
-          { caCerts: this.#caCerts, signal, hold },
+          this.#serverName ?? unbracket(url.hostname),
+          {
+            caCerts: this.#caCerts,
+            alpnProtocols: this.#alpnProtocols,
+            signal,
+            hold,
+          },
         );
       } catch (error) {
         throw withContext(error, `${dialing}: the TLS handshake failed`);
@@ -592,13 +726,13 @@ export class Dialer {
     return proxyUrlOf(chosen);
   }
 
-  /** Opens the TCP connection, closing it if it arrives after an abort. */
+  /** Opens a connection, closing it if it arrives after an abort. */
   async #open(
-    address: ConnectAddress,
+    connect: () => Promise<Deno.Conn>,
     signal: AbortSignal,
     context: string,
   ): Promise<Deno.Conn> {
-    const connecting = this.#connect(address, { signal }).then((conn) => {
+    const connecting = connect().then((conn) => {
       if (signal.aborted) closeQuietly(conn);
       return conn;
     });
@@ -620,7 +754,7 @@ const defaultDialer = new Dialer({
  * `HTTP_PROXY` / `HTTPS_PROXY` / `NO_PROXY` (see
  * {@linkcode proxyFromEnvironment}) and a 45 s handshake timeout.
  *
- * @param url A `ws:` or `wss:` URL without user info.
+ * @param url A `ws:`, `wss:` or `ws+unix:` URL without user info.
  * @param options Extra headers and an abort signal.
  * @returns The connection and the server's 101 response.
  * @throws {TypeError} When the URL or a header is not acceptable.
@@ -657,8 +791,22 @@ export function dial(
 // ---------------------------------------------------------------------------
 // URLs and addresses
 
-/** Parses and checks a WebSocket URL (RFC 6455 section 3). */
-function parseWebSocketUrl(url: string | URL): URL {
+/** What a dial is aimed at, worked out from its URL. */
+interface Target {
+  url: URL;
+  /** The request-target of the GET line, in origin-form (RFC 9112 section 3.2.1). */
+  path: string;
+  /** The Host line, unless a Host header replaces it. */
+  host: string;
+  /** The Unix socket of a `ws+unix:` URL. */
+  socketPath?: string;
+}
+
+/**
+ * Parses and checks a WebSocket URL (RFC 6455 section 3), or a `ws+unix:`
+ * one, whose path is the socket path, a colon and the request path.
+ */
+function parseWebSocketUrl(url: string | URL): Target {
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -668,24 +816,60 @@ function parseWebSocketUrl(url: string | URL): URL {
       { cause },
     );
   }
-  if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+  const cannotDial = `Cannot dial ${JSON.stringify(redact(parsed))}`;
+  if (
+    parsed.protocol !== "ws:" && parsed.protocol !== "wss:" &&
+    parsed.protocol !== "ws+unix:"
+  ) {
     throw new TypeError(
-      `Cannot dial ${
-        JSON.stringify(redact(parsed))
-      }: the scheme must be ws: or wss:, not ${parsed.protocol}`,
+      `${cannotDial}: the scheme must be ws:, wss: or ws+unix:, not ${parsed.protocol}`,
     );
   }
   if (parsed.username !== "" || parsed.password !== "") {
     throw new TypeError(
-      `Cannot dial ${
-        JSON.stringify(redact(parsed))
-      }: user info is not allowed in a WebSocket URL`,
+      `${cannotDial}: user info is not allowed in a WebSocket URL`,
     );
   }
+  if (parsed.protocol === "ws+unix:") return unixTarget(parsed, cannotDial);
   if (parsed.hostname === "") {
     throw new TypeError(`Cannot dial ${JSON.stringify(String(url))}: no host`);
   }
-  return parsed;
+  return {
+    url: parsed,
+    path: `${parsed.pathname}${parsed.search}`,
+    host: parsed.host,
+  };
+}
+
+/** The target of a `ws+unix:` URL (see {@linkcode Dialer.prototype.dial}). */
+function unixTarget(url: URL, cannotDial: string): Target {
+  if (url.host !== "") {
+    throw new TypeError(
+      `${cannotDial}: a ws+unix: URL has no host, the socket path follows the scheme (ws+unix:///path/to/socket:/request/path)`,
+    );
+  }
+  const colon = url.pathname.indexOf(":");
+  const encoded = colon < 0 ? url.pathname : url.pathname.slice(0, colon);
+  const path = colon < 0 ? "/" : url.pathname.slice(colon + 1) || "/";
+  if (!path.startsWith("/")) {
+    throw new TypeError(
+      `${cannotDial}: the request path after the socket path must start with /`,
+    );
+  }
+  let socketPath: string;
+  try {
+    socketPath = decodeURIComponent(encoded);
+  } catch (cause) {
+    throw new TypeError(`${cannotDial}: the socket path is badly encoded`, {
+      cause,
+    });
+  }
+  if (socketPath === "" || socketPath === "/") {
+    throw new TypeError(`${cannotDial}: no socket path`);
+  }
+  // ws (npm) sends this Host line too: HTTP/1.1 requires one (RFC 9112
+  // section 3.2), and a socket has no name to put in it.
+  return { url, path: `${path}${url.search}`, host: "localhost", socketPath };
 }
 
 function connectTcp(
@@ -697,6 +881,83 @@ function connectTcp(
 
 // ---------------------------------------------------------------------------
 // Options
+
+function checkFunction(
+  name: string,
+  value: ConnectFunction | undefined,
+): ConnectFunction | undefined {
+  if (value !== undefined && typeof value !== "function") {
+    throw new TypeError(
+      `Cannot create the dialer: ${name} must be a function, got ${typeof value}`,
+    );
+  }
+  return value;
+}
+
+/**
+ * Protocol names that carry HTTP/2 or HTTP/3 (RFC 9113 section 3.1, RFC
+ * 9114 section 3.1): a server that picks one does not read the HTTP/1.1
+ * handshake request.
+ */
+const NOT_HTTP_1_1 = new Set(["h2", "h2c", "h3"]);
+
+/** ALPN protocol names: 1 to 255 bytes each (RFC 7301 section 3.1), once each. */
+function checkAlpnProtocols(
+  protocols: string[] | undefined,
+): string[] | undefined {
+  if (protocols === undefined) return undefined;
+  if (!Array.isArray(protocols)) {
+    throw new TypeError(
+      "Cannot create the dialer: alpnProtocols must be an array of strings",
+    );
+  }
+  const seen = new Set<string>();
+  for (const protocol of protocols) {
+    const offer = `Cannot offer the ALPN protocol ${JSON.stringify(protocol)}`;
+    if (typeof protocol !== "string") {
+      throw new TypeError(`${offer}: it is not a string`);
+    }
+    const length = encoder.encode(protocol).length;
+    if (length === 0 || length > 255) {
+      throw new TypeError(`${offer}: a name takes 1 to 255 bytes`);
+    }
+    if (NOT_HTTP_1_1.has(protocol)) {
+      throw new TypeError(
+        `${offer}: the WebSocket handshake is an HTTP/1.1 request (RFC 6455 section 4.1), offer "http/1.1"`,
+      );
+    }
+    if (seen.has(protocol)) throw new TypeError(`${offer} twice`);
+    seen.add(protocol);
+  }
+  return [...protocols];
+}
+
+/**
+ * Checks the client certificate options; true when there is a certificate.
+ * Only `Deno.connectTls` can present one, which rules out what needs
+ * `Deno.startTls` or opens the TLS connection some other way.
+ */
+function checkClientCertificate(options: DialerOptions): boolean {
+  const { cert, key } = options;
+  if (cert === undefined && key === undefined) return false;
+  const problem = cert === undefined
+    ? "key needs cert"
+    : key === undefined
+    ? "cert needs key"
+    : typeof cert !== "string" || typeof key !== "string"
+    ? "cert and key must be PEM strings"
+    : options.connectTls !== undefined
+    ? "cert and key cannot be used with connectTls, which opens the TLS connection itself: present the certificate there"
+    : options.connect !== undefined
+    ? "cert and key cannot be used with connect: Deno.startTls cannot present a client certificate over its connection, use connectTls"
+    : options.serverName !== undefined
+    ? "cert and key cannot be used with serverName: Deno.connectTls verifies the name it connects to"
+    : undefined;
+  if (problem !== undefined) {
+    throw new TypeError(`Cannot create the dialer: ${problem}`);
+  }
+  return true;
+}
 
 function checkSize(name: string, value: number | undefined) {
   if (value === undefined) return undefined;
@@ -750,9 +1011,9 @@ interface RequestParts {
  * The opening handshake request (RFC 6455 section 4.1), with the header
  * names capitalised as in the RFC's examples: some servers depend on it.
  */
-function formatRequest(target: URL, parts: RequestParts): Uint8Array {
+function formatRequest(path: string, parts: RequestParts): Uint8Array {
   const lines = [
-    `GET ${target.pathname}${target.search} HTTP/1.1`,
+    `GET ${path} HTTP/1.1`,
     `Host: ${parts.hostLine}`,
     "Upgrade: websocket",
     "Connection: Upgrade",
@@ -831,6 +1092,7 @@ function describe(value: string | null): string {
 
 interface StartTlsOptions {
   caCerts: string[] | undefined;
+  alpnProtocols?: string[];
   signal: AbortSignal;
   /** Hands the TLS connection to the caller as soon as it exists. */
   hold(conn: Deno.Conn): void;
@@ -851,16 +1113,41 @@ async function startTls(
     tls = await Deno.startTls(conn as Deno.TcpConn, {
       hostname,
       caCerts: options.caCerts,
+      alpnProtocols: options.alpnProtocols,
     });
   } catch (cause) {
     if (options.signal.aborted) throw cause;
     throw new TypeError(
-      "Cannot start TLS: the connection is not a plain TCP connection",
+      "Cannot start TLS: the connection is not a plain TCP connection (open TLS some other way with connectTls)",
       { cause },
     );
   }
   options.hold(tls);
   options.signal.throwIfAborted();
-  await tls.handshake();
+  await checkTls(tls);
   return tls;
+}
+
+/**
+ * Completes the TLS handshake of a `Deno.TlsConn` (anything else is taken
+ * as it is) and refuses an ALPN answer that is not HTTP/1.1, which would
+ * fail later as a garbled answer to the handshake request.
+ */
+async function checkTls(conn: Deno.Conn): Promise<void> {
+  if (!("handshake" in conn) || typeof conn.handshake !== "function") return;
+  const { alpnProtocol } = await (conn as Deno.TlsConn).handshake();
+  if (alpnProtocol !== null && NOT_HTTP_1_1.has(alpnProtocol)) {
+    throw new TypeError(
+      `Cannot open the WebSocket connection: the server chose the ALPN protocol ${
+        JSON.stringify(alpnProtocol)
+      }, but the handshake is an HTTP/1.1 request (RFC 6455 section 4.1)`,
+    );
+  }
+}
+
+/** Opens TLS with `Deno.connectTls`, the one way to present a client certificate. */
+function connectTlsWith(
+  options: Omit<Deno.ConnectTlsOptions, "port"> & Deno.TlsCertifiedKeyPem,
+): ConnectFunction {
+  return (address) => Deno.connectTls({ ...options, ...address });
 }
