@@ -57,10 +57,16 @@ export function headerHasToken(
   name: string,
   token: string,
 ): boolean {
+  return listHasToken(headers.get(name), token);
+}
+
+/** Reports whether a token list holds `token`, case-insensitively. */
+export function listHasToken(
+  value: string | null | undefined,
+  token: string,
+): boolean {
   const wanted = token.toLowerCase();
-  return parseTokenList(headers.get(name)).some((t) =>
-    t.toLowerCase() === wanted
-  );
+  return parseTokenList(value ?? null).some((t) => t.toLowerCase() === wanted);
 }
 
 /**

@@ -29,8 +29,8 @@ export interface BodySource {
  * disagreement is what request smuggling exploits.
  */
 export function bodyFraming(head: RequestHead): Framing {
-  const transferEncoding = head.headers.get("transfer-encoding");
-  const contentLength = head.headers.get("content-length");
+  const transferEncoding = head.fields["transfer-encoding"] ?? null;
+  const contentLength = head.fields["content-length"] ?? null;
   if (transferEncoding !== null) {
     if (contentLength !== null) {
       throw new HttpError(

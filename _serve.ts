@@ -17,7 +17,7 @@ import {
   ConnectionClosedError,
   ProtocolError,
 } from "./frame.ts";
-import { HandshakeError, headerHasToken } from "./_handshake.ts";
+import { HandshakeError, listHasToken } from "./_handshake.ts";
 import { closeQuietly, lingeringClose, withContext, writeAll } from "./_io.ts";
 import {
   bodyFinished,
@@ -766,7 +766,7 @@ class HttpConnection implements BodySource {
     }
     // Reading ahead is safe only when nothing else will read the socket
     // while the handler runs: no body to stream, no upgrade to hand over.
-    if (bodyFinished(framing) && !head.headers.has("upgrade")) {
+    if (bodyFinished(framing) && !("upgrade" in head.fields)) {
       this.#watchClient(this.#requestAbort);
     }
     return await this.#respond(head, framing, request);
@@ -875,7 +875,7 @@ class HttpConnection implements BodySource {
       return new Request(url, {
         method,
         signal,
-        headers: head.headers,
+        headers: head.fields,
         body: hasBody && bodyAllowed ? this.#bodyStream(head, framing) : null,
       });
     } catch (error) {
@@ -894,7 +894,7 @@ class HttpConnection implements BodySource {
   #bodyStream(head: RequestHead, framing: Framing): ReadableStream<Uint8Array> {
     const state = this.#bodyState;
     state.expectContinue = head.version === "HTTP/1.1" &&
-      head.headers.get("expect")?.toLowerCase() === "100-continue";
+      head.fields.expect?.toLowerCase() === "100-continue";
     return new ReadableStream<Uint8Array>({
       pull: async (controller) => {
         if (state.detached) {
@@ -1150,9 +1150,9 @@ class HttpConnection implements BodySource {
 
 /** Keep-alive by default in HTTP/1.1, on request in HTTP/1.0 (RFC 9112 9.3). */
 function wantsKeepAlive(head: RequestHead): boolean {
-  if (headerHasToken(head.headers, "connection", "close")) return false;
+  if (listHasToken(head.fields.connection, "close")) return false;
   return head.version === "HTTP/1.1" ||
-    headerHasToken(head.headers, "connection", "keep-alive");
+    listHasToken(head.fields.connection, "keep-alive");
 }
 
 // A Host is a reg-name, IPv4 or bracketed IPv6 literal with an optional port
@@ -1188,7 +1188,7 @@ function requestUrl(
       } is neither a path nor an absolute URL`,
     );
   }
-  let host = head.headers.get("host") ?? "";
+  let host = head.fields.host ?? "";
   if (host === "") {
     const addr = local as Deno.NetAddr;
     host = addr.hostname.includes(":")

@@ -30,13 +30,15 @@ const upgrader = new Upgrader();
 async function acceptWebSocket(socket: Deno.Conn) {
   const got = await readHead(socket, { maxHeadBytes: 16 * 1024 });
   assert.ok(got !== null, "the client sent a request");
-  const { method, target, headers } = parseRequestHead(got.head);
+  const { method, target, fields } = parseRequestHead(got.head);
   assert.equal(method, "GET");
-  const request = new Request(`http://localhost${target}`, { headers });
+  const request = new Request(`http://localhost${target}`, {
+    headers: fields,
+  });
   const conn = await upgrader.upgradeConnection(socket, request, {
     head: got.rest,
   });
-  return { conn, target, host: headers.get("host") };
+  return { conn, target, host: fields.host };
 }
 
 /** Echoes one message on the server side, then closes gracefully. */

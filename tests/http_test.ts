@@ -206,10 +206,24 @@ Deno.test("parseRequestHead() returns method, target, version and headers", () =
   assert.equal(head.method, "POST");
   assert.equal(head.target, "/a/b?c=d");
   assert.equal(head.version, "HTTP/1.1");
-  assert.equal(head.headers.get("host"), "example.com:8080");
-  assert.equal(head.headers.get("accept"), "a, b");
-  assert.equal(head.headers.get("x-empty"), "");
-  assert.equal(head.headers.get("x-spaces"), "value");
+  assert.deepEqual({ ...head.fields }, {
+    host: "example.com:8080",
+    accept: "a, b",
+    "x-empty": "",
+    "x-spaces": "value",
+  });
+  assert.equal(Object.getPrototypeOf(head.fields), null);
+});
+
+Deno.test("parseRequestHead() keeps a field named like an Object property as a field", () => {
+  const head = parseRequestHead(
+    bytes(
+      "GET / HTTP/1.1\r\nHost: a\r\n__proto__: x\r\nConstructor: y\r\n\r\n",
+    ),
+  );
+  assert.equal(head.fields["__proto__"], "x");
+  assert.equal(head.fields.constructor, "y");
+  assert.equal(head.fields.toString, undefined);
 });
 
 Deno.test("parseRequestHead() accepts HTTP/1.0 without Host and keeps obs-text bytes", () => {
@@ -224,7 +238,7 @@ Deno.test("parseRequestHead() accepts HTTP/1.0 without Host and keeps obs-text b
     ]),
   );
   assert.equal(head.version, "HTTP/1.0");
-  assert.equal(head.headers.get("x"), "caf\u00e9");
+  assert.equal(head.fields.x, "caf\u00e9");
 });
 
 Deno.test("parseRequestHead() refuses malformed heads with 400", () => {
@@ -282,7 +296,7 @@ Deno.test("parseRequestHead() refuses more header fields than the limit with 431
   const fields = Array.from({ length: 10 }, (_, i) => `X-${i}: v\r\n`).join("");
   const head = bytes(`GET / HTTP/1.1\r\nHost: a\r\n${fields}\r\n`);
   assert.equal(
-    parseRequestHead(head, { maxHeaders: 11 }).headers.get("x-9"),
+    parseRequestHead(head, { maxHeaders: 11 }).fields["x-9"],
     "v",
   );
   throwsWithStatus(() => parseRequestHead(head, { maxHeaders: 10 }), 431);

@@ -72,9 +72,9 @@ async function readAll(conn: Transport): Promise<Uint8Array> {
 
 /** Builds the web Request a server would from a parsed head. */
 function toRequest(head: Uint8Array): Request {
-  const { method, target, headers } = parseRequestHead(head);
-  const url = new URL(target, `http://${headers.get("host") ?? "localhost"}`);
-  return new Request(url, { method, headers });
+  const { method, target, fields } = parseRequestHead(head);
+  const url = new URL(target, `http://${fields.host ?? "localhost"}`);
+  return new Request(url, { method, headers: fields });
 }
 
 interface Exchange {
