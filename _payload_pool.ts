@@ -12,7 +12,9 @@
 // on writes; it never shows the bytes of a later message.
 //
 // A payload still being written (an echo whose writeMessage was not
-// awaited) is held until the write settles, and reclaimed only then.
+// awaited) is held until the write settles, and reclaimed only then. The
+// writer also borrows from the pool for what only it sees: a client's
+// masked copy of a large payload, given back once written.
 
 /** Payloads from this size come from the pool; smaller ones are cheap to allocate. */
 export const POOLED_PAYLOAD = 64 * 1024;
@@ -88,6 +90,12 @@ export function handBack(data: Uint8Array): void {
   if (!lent.delete(buffer)) return;
   if (writing.has(buffer)) handedBack.add(buffer);
   else reclaim(buffer);
+}
+
+/** Memory the library used on its own and is done with, for the pool. */
+export function giveBack(buffer: ArrayBuffer): void {
+  lent.delete(buffer);
+  reclaim(buffer);
 }
 
 function reclaim(buffer: ArrayBuffer): void {

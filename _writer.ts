@@ -4,7 +4,12 @@
 // looks at read state: its one hook (WriterHooks.fail) hands a protocol
 // error found while writing to the closing logic.
 
-import { holdWhileWriting } from "./_payload_pool.ts";
+import {
+  giveBack,
+  holdWhileWriting,
+  POOLED_PAYLOAD,
+  takePayloadBuffer,
+} from "./_payload_pool.ts";
 import {
   CLOSE_CODE,
   CloseError,
@@ -332,6 +337,8 @@ export class Writer {
   #segments: Uint8Array[] = [];
   /** Write buffers used by the batch being assembled. */
   #batchBuffers: Uint8Array[] = [];
+  /** Pooled memory of masked payloads queued since the last batch. */
+  #scratch: ArrayBuffer[] | undefined;
   #batch: Batch | undefined;
   #inFlight: Batch | undefined;
   /** Bytes queued or in flight. */
@@ -594,15 +601,33 @@ export class Writer {
       this.#wlen += writeHeader(buf, this.#wlen, b0, length, key);
       this.#cutSegment();
       if (key !== undefined) {
-        const body = payload.slice();
-        maskInPlace(body, key, 0);
-        this.#segments.push(body);
+        this.#segments.push(this.#maskedCopy(payload, key));
       } else {
         this.#segments.push(payload);
         byReference = true;
       }
     }
     return this.#queue(size, wait || byReference);
+  }
+
+  /**
+   * A client's payload masked into memory of its own (the caller's bytes
+   * stay as they are). A large one borrows pooled memory, given back once
+   * its batch is written, so a client sending large messages does not fault
+   * in fresh pages for each.
+   */
+  #maskedCopy(payload: Uint8Array, key: Uint8Array): Uint8Array {
+    let body: Uint8Array;
+    if (payload.length < POOLED_PAYLOAD) {
+      body = payload.slice();
+    } else {
+      const buffer = takePayloadBuffer(payload.length);
+      (this.#scratch ??= []).push(buffer);
+      body = new Uint8Array(buffer, 0, payload.length);
+      body.set(payload);
+    }
+    maskInPlace(body, key, 0);
+    return body;
   }
 
   /** Queues an already encoded frame (a prepared message). */
@@ -700,6 +725,8 @@ export class Writer {
       this.#segments = [];
       const buffers = this.#batchBuffers;
       this.#batchBuffers = [];
+      const scratch = this.#scratch;
+      this.#scratch = undefined;
       if (this.#wbuf !== undefined) buffers.push(this.#wbuf);
       this.#wbuf = undefined;
       this.#wstart = this.#wlen = 0;
@@ -729,6 +756,7 @@ export class Writer {
       }
       this.#queued -= bytes;
       for (const buffer of buffers) this.#recycle(buffer);
+      if (scratch !== undefined) scratch.forEach(giveBack);
       this.#inFlight = undefined;
       batch.resolve();
       this.#wakeRoom();
@@ -751,6 +779,7 @@ export class Writer {
     this.#batch = undefined;
     this.#segments = [];
     this.#batchBuffers = [];
+    this.#scratch = undefined;
     this.#wbuf = undefined;
     this.#wstart = this.#wlen = 0;
     batch?.reject(error);

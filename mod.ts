@@ -7,6 +7,7 @@
  * - {@linkcode Dialer} opens client connections (`ws://`, `wss://`, proxies).
  * - {@linkcode Conn} reads and writes messages, streams, control frames.
  * - permessage-deflate (RFC 7692) is negotiated with `enableCompression`.
+ * - {@linkcode WebSocket} and {@linkcode upgradeWebSocket} have the WHATWG shape.
  * - {@linkcode WebSocketStream} gives a connection WHATWG streams, on both sides.
  * - {@linkcode joinMessages} reads a connection's messages as one byte stream.
  * - {@linkcode Topics} publishes to subscribed connections, across
@@ -22,3 +23,4 @@ export * from "./deflate.ts";
 export * from "./topics.ts";
 export * from "./join.ts";
 export * from "./stream.ts";
+export * from "./websocket.ts";

@@ -26,6 +26,20 @@ function pair(options?: PipeOptions): { server: Conn; client: Conn } {
   };
 }
 
+Deno.test("a client's masked copy of a large payload goes back to the pool once written", async () => {
+  const { server, client } = pair();
+  const zeros = new Uint8Array(MiB);
+  await client.writeMessage(MESSAGE_TYPE.Binary, zeros);
+  assert.deepEqual((await server.readMessage()).data, zeros);
+  // The first test, so the pool held nothing before: memory that is not all
+  // zero is the masked copy (the mask key's bytes), not a fresh buffer.
+  const reused = new Uint8Array(takePayloadBuffer(MiB));
+  assert.ok(reused.some((byte) => byte !== 0));
+  assert.equal(zeros.every((byte) => byte === 0), true);
+  client.close();
+  server.close();
+});
+
 Deno.test("a handed-back buffer is detached and its memory taken next", () => {
   const size = MiB + 10;
   const first = takePayloadBuffer(size);
