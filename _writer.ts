@@ -426,19 +426,22 @@ export class Writer {
     const blocked = this.blocked("write message");
     if (blocked !== undefined) return Promise.reject(blocked);
     let written: Promise<void>;
+    // Whether the bytes were copied before this returns; if not, they are
+    // held until written (not until an abort gives up waiting: the frame
+    // stays queued).
+    let copied = bytes.length < COPY_LIMIT;
     if (this.#compressing(bytes.length)) {
       // Compressed later, in turn: like a small frame copied into the write
       // buffer, a small payload is the caller's again once this returns.
-      if (borrowed && bytes.length < COPY_LIMIT) bytes = bytes.slice();
+      if (borrowed && copied) bytes = bytes.slice();
       written = this.#writeLocked(0x80 | type, bytes, true);
     } else if (this.#lockCount === 0 && this.#queued <= QUEUE_LIMIT) {
       written = this.append(0x80 | type, bytes, false);
     } else {
       written = this.#writeLocked(0x80 | type, bytes);
+      copied = false;
     }
-    // Held until written, not until an abort gives up waiting: the frame
-    // stays queued.
-    holdWhileWriting(bytes, written);
+    if (!copied) holdWhileWriting(bytes, written);
     return signal === undefined ? written : this.#bounded(written, 0, signal);
   }
 

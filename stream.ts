@@ -50,10 +50,22 @@ import {
   type DialOptions,
   type DialResult,
 } from "./dialer.ts";
-import type { DeflateParameters } from "./deflate.ts";
 import { CLOSE_CODE } from "./frame.ts";
 import { Upgrader, type UpgraderOptions } from "./upgrader.ts";
 import { onClosed } from "./_close_watch.ts";
+import { checkClose, formatExtensions, parseWebSocketUrl } from "./_web.ts";
+
+/** checkClose over a close info; a reason without a code means 1000. */
+function checkCloseInfo(
+  info: WebSocketCloseInfo,
+  action: string,
+): { code: number | undefined; reason: string } {
+  const checked = checkClose(info.closeCode, info.reason, action);
+  if (checked.code === undefined && checked.reason !== "") {
+    checked.code = CLOSE_CODE.NormalClosure;
+  }
+  return checked;
+}
 
 /**
  * The close code and reason of {@linkcode WebSocketStream.close} and of a
@@ -136,10 +148,7 @@ export interface WebSocketStreamUpgrade {
 }
 
 const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
-const encoder = new TextEncoder();
 const noop = () => {};
-/** RFC 6455 section 5.5: a control payload of 125 bytes, 2 of them the code. */
-const MAX_REASON_BYTES = 123;
 
 /** Makes a {@linkcode WebSocketError} with a code no script may pass (1006, 1009, ...). */
 let connectionError: (
@@ -182,7 +191,7 @@ export class WebSocketError extends DOMException {
   constructor(message = "", init: WebSocketCloseInfo = {}) {
     super(message, "WebSocketError");
     const checked = checkCloseInfo(init, "create WebSocketError");
-    this.#closeCode = checked.closeCode ?? null;
+    this.#closeCode = checked.code ?? null;
     this.#reason = checked.reason;
   }
 
@@ -208,98 +217,6 @@ export class WebSocketError extends DOMException {
       return error;
     };
   }
-}
-
-/**
- * Checks a close code and reason as WHATWG WebSockets `close()` does: the
- * code 1000 or 3000-4999, else `InvalidAccessError`; the reason at most 123
- * bytes of UTF-8, else `SyntaxError`. A reason without a code means 1000.
- */
-function checkCloseInfo(
-  info: WebSocketCloseInfo,
-  action: string,
-): { closeCode: number | undefined; reason: string } {
-  let closeCode = info.closeCode;
-  if (closeCode !== undefined) {
-    // WebIDL [Clamp] unsigned short.
-    closeCode = Math.min(Math.max(Math.round(Number(closeCode)), 0), 0xffff);
-    if (
-      closeCode !== CLOSE_CODE.NormalClosure &&
-      !(closeCode >= 3000 && closeCode <= 4999)
-    ) {
-      throw new DOMException(
-        `Cannot ${action}: the close code must be 1000 or in 3000-4999, got ${closeCode}`,
-        "InvalidAccessError",
-      );
-    }
-  }
-  const reason = info.reason === undefined ? "" : String(info.reason);
-  const length = encoder.encode(reason).length;
-  if (length > MAX_REASON_BYTES) {
-    throw new DOMException(
-      `Cannot ${action}: the close reason is ${length} bytes, over ${MAX_REASON_BYTES}`,
-      "SyntaxError",
-    );
-  }
-  if (closeCode === undefined && reason !== "") {
-    closeCode = CLOSE_CODE.NormalClosure;
-  }
-  return { closeCode, reason };
-}
-
-/** The `Sec-WebSocket-Extensions` value that gives these parameters. */
-function formatExtensions(parameters: DeflateParameters | undefined): string {
-  if (parameters === undefined) return "";
-  let header = "permessage-deflate";
-  if (parameters.serverNoContextTakeover) {
-    header += "; server_no_context_takeover";
-  }
-  if (parameters.clientNoContextTakeover) {
-    header += "; client_no_context_takeover";
-  }
-  if (parameters.serverMaxWindowBits < 15) {
-    header += `; server_max_window_bits=${parameters.serverMaxWindowBits}`;
-  }
-  if (parameters.clientMaxWindowBits < 15) {
-    header += `; client_max_window_bits=${parameters.clientMaxWindowBits}`;
-  }
-  return header;
-}
-
-/**
- * A WebSocket URL from `url` as the WHATWG WebSocket constructor parses it:
- * `http:` becomes `ws:` and `https:` `wss:`; no fragment. `ws+unix:` is
- * kept for the {@linkcode Dialer}.
- */
-function parseUrl(url: string | URL): URL {
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch (cause) {
-    throw new DOMException(
-      `Cannot open WebSocketStream: ${
-        JSON.stringify(String(url))
-      } is not a valid URL${
-        cause instanceof Error ? `: ${cause.message}` : ""
-      }`,
-      "SyntaxError",
-    );
-  }
-  if (parsed.protocol === "http:") parsed.protocol = "ws:";
-  else if (parsed.protocol === "https:") parsed.protocol = "wss:";
-  if (!["ws:", "wss:", "ws+unix:"].includes(parsed.protocol)) {
-    throw new DOMException(
-      `Cannot open WebSocketStream: the scheme must be ws:, wss:, http: or https:, not ${parsed.protocol}`,
-      "SyntaxError",
-    );
-  }
-  if (parsed.hash !== "") {
-    throw new DOMException(
-      "Cannot open WebSocketStream: a WebSocket URL has no fragment",
-      "SyntaxError",
-    );
-  }
-  return parsed;
 }
 
 /** The message a written chunk becomes: strings are text, bytes binary. */
@@ -411,7 +328,7 @@ export class WebSocketStream {
       );
       return;
     }
-    const parsed = parseUrl(url);
+    const parsed = parseWebSocketUrl(url, "WebSocketStream");
     this.#url = parsed.href;
     const { protocols, signal, headers, ...settings } = options;
     const dialer = new Dialer({ ...settings, subprotocols: protocols });
@@ -505,11 +422,8 @@ export class WebSocketStream {
    * or 3000-4999, `SyntaxError` for a reason over 123 bytes of UTF-8.
    */
   close(closeInfo: WebSocketCloseInfo = {}): void {
-    const { closeCode, reason } = checkCloseInfo(
-      closeInfo,
-      "close WebSocketStream",
-    );
-    this.#startClose(closeCode ?? CLOSE_CODE.NormalClosure, reason);
+    const { code, reason } = checkCloseInfo(closeInfo, "close WebSocketStream");
+    this.#startClose(code ?? CLOSE_CODE.NormalClosure, reason);
   }
 
   #startClose(code: number, reason: string): Promise<void> {

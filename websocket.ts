@@ -32,7 +32,6 @@
 
 import { CloseError, type Conn, MESSAGE_TYPE } from "./conn.ts";
 import { Dialer, type DialerOptions } from "./dialer.ts";
-import type { DeflateParameters } from "./deflate.ts";
 import { CLOSE_CODE, formatCloseMessage } from "./frame.ts";
 import {
   isWebSocketUpgrade,
@@ -40,6 +39,8 @@ import {
   type UpgraderOptions,
 } from "./upgrader.ts";
 import { onClosed } from "./_close_watch.ts";
+import { TOKEN } from "./_http.ts";
+import { checkClose, formatExtensions, parseWebSocketUrl } from "./_web.ts";
 
 /**
  * Options of the {@linkcode WebSocket} constructor's third argument: the
@@ -93,67 +94,10 @@ const CLOSED = 3 as const;
 const decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 const encoder = new TextEncoder();
 const noop = () => {};
-/** RFC 6455 section 5.5: a control payload of 125 bytes, 2 of them the code. */
-const MAX_REASON_BYTES = 123;
-/** RFC 6455 section 4.1: a subprotocol is an HTTP token (RFC 9110 section 5.6.2). */
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const EVENT_TYPES = ["open", "message", "error", "close"] as const;
 
 /** Set by {@linkcode upgradeWebSocket} for the constructor it calls. */
 let adopting: Promise<Conn> | undefined;
-
-/** The `Sec-WebSocket-Extensions` value that gives these parameters. */
-function formatExtensions(parameters: DeflateParameters | undefined): string {
-  if (parameters === undefined) return "";
-  let header = "permessage-deflate";
-  if (parameters.serverNoContextTakeover) {
-    header += "; server_no_context_takeover";
-  }
-  if (parameters.clientNoContextTakeover) {
-    header += "; client_no_context_takeover";
-  }
-  if (parameters.serverMaxWindowBits < 15) {
-    header += `; server_max_window_bits=${parameters.serverMaxWindowBits}`;
-  }
-  if (parameters.clientMaxWindowBits < 15) {
-    header += `; client_max_window_bits=${parameters.clientMaxWindowBits}`;
-  }
-  return header;
-}
-
-/**
- * WHATWG WebSockets § The WebSocket interface, constructor steps 1-8: the
- * URL parsed, `http:` and `https:` mapped to `ws:` and `wss:`, no fragment
- * (`ws+unix:` is kept for the {@linkcode Dialer}).
- */
-function parseUrl(url: string | URL): URL {
-  let parsed: URL;
-  try {
-    parsed = new URL(url);
-  } catch {
-    throw new DOMException(
-      `Cannot open WebSocket: ${
-        JSON.stringify(String(url))
-      } is not a valid URL`,
-      "SyntaxError",
-    );
-  }
-  if (parsed.protocol === "http:") parsed.protocol = "ws:";
-  else if (parsed.protocol === "https:") parsed.protocol = "wss:";
-  if (!["ws:", "wss:", "ws+unix:"].includes(parsed.protocol)) {
-    throw new DOMException(
-      `Cannot open WebSocket: the scheme must be ws:, wss:, http: or https:, not ${parsed.protocol}`,
-      "SyntaxError",
-    );
-  }
-  if (parsed.hash !== "" || String(url).includes("#")) {
-    throw new DOMException(
-      "Cannot open WebSocket: a WebSocket URL has no fragment",
-      "SyntaxError",
-    );
-  }
-  return parsed;
-}
 
 /** WHATWG WebSockets § constructor steps 9-10: tokens, none twice. */
 function parseProtocols(protocols: string | string[] | undefined): string[] {
@@ -288,7 +232,7 @@ export class WebSocket extends EventTarget {
       adoption.then((conn) => this.#open(conn), () => this.#closed(true));
       return;
     }
-    const parsed = parseUrl(url);
+    const parsed = parseWebSocketUrl(url, "WebSocket");
     const offered = parseProtocols(protocols);
     this.#url = parsed.href;
     const { headers, ...settings } = options;
@@ -474,26 +418,9 @@ export class WebSocket extends EventTarget {
    * `SyntaxError` for a longer reason.
    */
   close(code?: number, reason?: string): void {
-    if (code !== undefined) {
-      // WebIDL [Clamp] unsigned short.
-      code = Math.min(Math.max(Math.round(Number(code) || 0), 0), 0xffff);
-      if (
-        code !== CLOSE_CODE.NormalClosure && !(code >= 3000 && code <= 4999)
-      ) {
-        throw new DOMException(
-          `Cannot close WebSocket: the close code must be 1000 or in 3000-4999, got ${code}`,
-          "InvalidAccessError",
-        );
-      }
-    }
-    const text = reason === undefined ? "" : String(reason);
-    const length = encoder.encode(text).length;
-    if (length > MAX_REASON_BYTES) {
-      throw new DOMException(
-        `Cannot close WebSocket: the close reason is ${length} bytes, over ${MAX_REASON_BYTES}`,
-        "SyntaxError",
-      );
-    }
+    const checked = checkClose(code, reason, "close WebSocket");
+    code = checked.code;
+    const text = checked.reason;
     if (this.#readyState === CLOSING || this.#readyState === CLOSED) return;
     const conn = this.#conn;
     this.#readyState = CLOSING;

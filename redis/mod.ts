@@ -1,47 +1,69 @@
 /**
  * A Redis {@linkcode Broker} for {@linkcode Topics}: publishes go through
  * Redis pub/sub, so the subscribers of every process connected to the same
- * Redis get them. It uses the `redis` package from npm, so it lives in its
- * own module: `@denows/websocket` itself imports nothing.
+ * Redis get them. It imports no Redis client: you pass two clients of the
+ * `redis` package from npm (node-redis 4, or anything with the same
+ * methods), one to publish and one to subscribe, as Redis requires for
+ * pub/sub. So the library keeps no runtime dependency, and the clients'
+ * settings (TLS, auth, reconnection) stay yours.
  *
- * Two connections are opened, as Redis requires for pub/sub: one publishes,
- * one subscribes. Both reconnect by themselves after an outage, and the
- * subscribing one restores its subscriptions. While Redis is unreachable a
- * publish fails at once (it is not queued without bound), which `Topics`
- * reports to its `onBrokerError`; local delivery goes on.
+ * Create them with `disableOfflineQueue: true`: while Redis is unreachable a
+ * publish then fails at once rather than queueing without bound, which
+ * `Topics` reports to its `onBrokerError` while local delivery goes on. A
+ * node-redis subscriber restores its subscriptions when it reconnects.
  *
  * @example Two processes, one room
  * ```ts ignore
+ * import { createClient } from "npm:redis@4";
  * import { Topics } from "@denows/websocket";
  * import { RedisBroker } from "@denows/websocket/redis";
  *
- * const broker = await RedisBroker.connect("redis://127.0.0.1:6379");
- * const topics = new Topics({ broker });
+ * const client = () =>
+ *   createClient({ url: "redis://127.0.0.1:6379", disableOfflineQueue: true })
+ *     .on("error", console.error); // an unheard 'error' ends the process
+ * const publisher = client();
+ * const subscriber = client();
+ * await Promise.all([publisher.connect(), subscriber.connect()]);
+ * const topics = new Topics({ broker: new RedisBroker({ publisher, subscriber }) });
  * // topics.subscribe(conn, "room") and topics.publish("room", text) as
  * // usual: every process that does the same shares the room.
  * ```
  *
  * @module
  */
-// deno-lint-ignore-file no-import-prefix -- the one npm import, kept out of the import map so the core and the examples never load it
 import { Buffer } from "node:buffer";
-import { createClient } from "npm:redis@4";
 import type { Broker } from "../topics.ts";
 
 export type { Broker } from "../topics.ts";
 
-/** Options for {@linkcode RedisBroker.connect}. */
-export interface RedisBrokerOptions {
-  /** Prefix of the Redis channels, one per topic (default `"ws:"`). */
-  channelPrefix?: string;
-  /**
-   * Called with connection errors (the clients keep reconnecting). Default:
-   * log to stderr, once until the connection is back.
-   */
-  onError?: (error: unknown) => void;
+/**
+ * The methods of a node-redis 4 client that the broker calls. Messages are
+ * bytes: they are published as Buffers and subscribed to in buffer mode.
+ */
+export interface RedisClient {
+  /** PUBLISH. */
+  publish(channel: string, message: Buffer): Promise<unknown>;
+  /** SUBSCRIBE, with `bufferMode` true: the listener gets Buffers. */
+  subscribe(
+    channel: string,
+    listener: (message: Buffer) => void,
+    bufferMode: true,
+  ): Promise<unknown>;
+  /** UNSUBSCRIBE. */
+  unsubscribe(channel: string): Promise<unknown>;
+  /** QUIT. */
+  quit(): Promise<unknown>;
 }
 
-type RedisClient = ReturnType<typeof createClient>;
+/** Options for {@linkcode RedisBroker}. */
+export interface RedisBrokerOptions {
+  /** The connected client that publishes. */
+  publisher: RedisClient;
+  /** A second connected client, given over to subscribing. */
+  subscriber: RedisClient;
+  /** Prefix of the Redis channels, one per topic (default `"ws:"`). */
+  channelPrefix?: string;
+}
 
 /** A {@linkcode Broker} over Redis pub/sub (see the module docs). */
 export class RedisBroker implements Broker {
@@ -49,71 +71,23 @@ export class RedisBroker implements Broker {
   readonly #subscriber: RedisClient;
   readonly #prefix: string;
 
-  private constructor(
-    publisher: RedisClient,
-    subscriber: RedisClient,
-    prefix: string,
-  ) {
-    this.#publisher = publisher;
-    this.#subscriber = subscriber;
-    this.#prefix = prefix;
-  }
-
   /**
-   * Connects to Redis.
+   * Makes a broker over two connected clients.
    *
-   * @param url A `redis://` (or `rediss://`) URL.
-   * @param options Channel prefix and error hook.
-   * @returns The broker, once both connections are up.
-   * @throws {Error} Redis cannot be reached (the error says where).
+   * @param options The publishing and the subscribing client, and the
+   * channel prefix.
+   * @throws {TypeError} The two clients are the same one: a subscribed
+   * Redis connection can no longer publish.
    */
-  static async connect(
-    url: string,
-    options: RedisBrokerOptions = {},
-  ): Promise<RedisBroker> {
-    let failing = false;
-    let connected = false;
-    const onError = options.onError ?? ((error: unknown) => {
-      if (!failing) console.error(`RedisBroker: ${url}:`, error);
-    });
-    const client = (): RedisClient => {
-      const redis = createClient({
-        url,
-        // Fail publishes at once while disconnected instead of queueing them
-        // without bound; they are reported, local delivery goes on.
-        disableOfflineQueue: true,
-        socket: {
-          // Back off up to a second between attempts, for as long as it
-          // takes, once connected; the first connection is not retried.
-          reconnectStrategy: (retries: number, cause: Error) =>
-            connected ? Math.min(50 * 2 ** retries, 1000) : cause,
-        },
-      });
-      // Without a listener an 'error' event would end the process.
-      redis.on("error", (error: unknown) => {
-        onError(error);
-        failing = true;
-      });
-      redis.on("ready", () => failing = false);
-      return redis;
-    };
-    const publisher = client();
-    const subscriber = client();
-    try {
-      await Promise.all([publisher.connect(), subscriber.connect()]);
-      connected = true;
-    } catch (cause) {
-      await Promise.allSettled([
-        publisher.disconnect(),
-        subscriber.disconnect(),
-      ]);
-      throw new Error(`Cannot connect to Redis at ${url}`, { cause });
+  constructor(options: RedisBrokerOptions) {
+    if (options.publisher === options.subscriber) {
+      throw new TypeError(
+        "Cannot create RedisBroker: the publisher and the subscriber must be two clients",
+      );
     }
-    return new RedisBroker(
-      publisher,
-      subscriber,
-      options.channelPrefix ?? "ws:",
-    );
+    this.#publisher = options.publisher;
+    this.#subscriber = options.subscriber;
+    this.#prefix = options.channelPrefix ?? "ws:";
   }
 
   async publish(topic: string, payload: Uint8Array): Promise<void> {
@@ -138,7 +112,7 @@ export class RedisBroker implements Broker {
     await this.#subscriber.unsubscribe(this.#channel(topic));
   }
 
-  /** Closes both connections. */
+  /** Closes both clients. */
   async close(): Promise<void> {
     await Promise.allSettled([this.#publisher.quit(), this.#subscriber.quit()]);
   }

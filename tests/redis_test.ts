@@ -5,6 +5,7 @@
 // resumes with the subscriptions restored.
 import assert from "node:assert/strict";
 import { Conn, Topics } from "../mod.ts";
+import { connectRedisBroker } from "../examples/chat/redis.ts";
 import { RedisBroker } from "../redis/mod.ts";
 import { createPipe } from "../_pipe.ts";
 import { startRedis, untilSubscribed } from "./_redis.ts";
@@ -44,8 +45,8 @@ async function untilDelivered(
 Deno.test("two Topics on one Redis share their topics, each message delivered once", async () => {
   const redis = await startRedis();
   const brokers = await Promise.all([
-    RedisBroker.connect(redis.url),
-    RedisBroker.connect(redis.url),
+    connectRedisBroker(redis.url),
+    connectRedisBroker(redis.url),
   ]);
   try {
     const [here, there] = brokers.map((broker) => new Topics({ broker }));
@@ -83,8 +84,8 @@ Deno.test("Redis killed and restarted: local delivery goes on, errors are report
   const errors: unknown[] = [];
   const onError = (error: unknown) => errors.push(error);
   const brokers = await Promise.all([
-    RedisBroker.connect(redis.url, { onError }),
-    RedisBroker.connect(redis.url, { onError }),
+    connectRedisBroker(redis.url, { onError }),
+    connectRedisBroker(redis.url, { onError }),
   ]);
   try {
     const brokerErrors: unknown[] = [];
@@ -142,8 +143,8 @@ Deno.test("Redis killed and restarted: local delivery goes on, errors are report
 Deno.test("a topic subscribed while Redis is down is subscribed once Redis is back", async () => {
   const redis = await startRedis();
   const brokers = await Promise.all([
-    RedisBroker.connect(redis.url, { onError() {} }),
-    RedisBroker.connect(redis.url, { onError() {} }),
+    connectRedisBroker(redis.url, { onError() {} }),
+    connectRedisBroker(redis.url, { onError() {} }),
   ]);
   try {
     const failures: unknown[] = [];
@@ -168,12 +169,12 @@ Deno.test("a topic subscribed while Redis is down is subscribed once Redis is ba
   }
 });
 
-Deno.test("RedisBroker.connect() names the address it cannot reach", async () => {
+Deno.test("connectRedisBroker() names the address it cannot reach", async () => {
   const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const url = `redis://127.0.0.1:${probe.addr.port}`;
   probe.close();
   await assert.rejects(
-    RedisBroker.connect(url, { onError() {} }),
+    connectRedisBroker(url, { onError() {} }),
     { message: `Cannot connect to Redis at ${url}` },
   );
 });
@@ -371,4 +372,17 @@ Deno.test("deno task chat:cluster runs Redis and two chat processes on one port,
   for (const closed of [port, redisPort]) {
     await assert.rejects(Deno.connect({ hostname: "127.0.0.1", port: closed }));
   }
+});
+
+Deno.test("RedisBroker refuses one client as both publisher and subscriber", () => {
+  const client = {
+    publish: () => Promise.resolve(),
+    subscribe: () => Promise.resolve(),
+    unsubscribe: () => Promise.resolve(),
+    quit: () => Promise.resolve(),
+  };
+  assert.throws(
+    () => new RedisBroker({ publisher: client, subscriber: client }),
+    TypeError,
+  );
 });

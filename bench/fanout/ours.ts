@@ -3,11 +3,11 @@
 // and with a Redis URL to the subscribers of every process on that Redis.
 // Usage: deno run -A bench/fanout/ours.ts PORT [REDIS_URL]
 import { serve, Topics, Upgrader } from "../../mod.ts";
-import { RedisBroker } from "../../redis/mod.ts";
+import { connectRedisBroker } from "../../examples/chat/redis.ts";
 
 const redis = Deno.args[1];
 const topics = new Topics({
-  broker: redis === undefined ? undefined : await RedisBroker.connect(redis),
+  broker: redis === undefined ? undefined : await connectRedisBroker(redis),
 });
 const upgrader = new Upgrader({ checkOrigin: () => true });
 serve({

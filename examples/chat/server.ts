@@ -215,12 +215,12 @@ const USAGE =
  * Deno does not fetch it ahead of time.
  */
 async function connectRedis(url: string): Promise<Broker> {
-  const specifier = new URL("../../redis/mod.ts", import.meta.url).href;
-  const { RedisBroker }: typeof import("../../redis/mod.ts") = await import(
+  const specifier = new URL("./redis.ts", import.meta.url).href;
+  const { connectRedisBroker }: typeof import("./redis.ts") = await import(
     specifier
   );
   try {
-    return await RedisBroker.connect(url);
+    return await connectRedisBroker(url);
   } catch (error) {
     exitWithUsage(`Cannot start: ${(error as Error).message}`, USAGE);
   }
