@@ -4,10 +4,17 @@
 // within `timeout` ms of it either, the peer is gone. Busy connections send
 // no pings at all: their traffic already proves the peer alive.
 
+/**
+ * The text of the 1006 `CloseError` that reads reject with once a
+ * keepalive ping went unanswered: how a wrapper tells this end from others.
+ */
+export const KEEPALIVE_EXPIRED =
+  "the peer did not answer a keepalive ping in time";
+
 /** What the keepalive watches and acts on: the Conn. */
 export interface KeepaliveTarget {
-  /** A count that moves whenever bytes arrive (the reader's reads begun). */
-  readonly reads: number;
+  /** A count that moves whenever bytes arrive. */
+  readonly arrivals: number;
   /** Sends a ping; never rejects. */
   ping(): void;
   /** Nothing arrived within `timeout` of a ping. */
@@ -19,7 +26,7 @@ export class Keepalive {
   readonly #target: KeepaliveTarget;
   readonly #interval: number;
   readonly #timeout: number;
-  /** `reads` when last looked at. */
+  /** `arrivals` when last looked at. */
   #seen: number;
   #timer: ReturnType<typeof setTimeout> | undefined;
   // Made once: a connection's keepalive allocates nothing per tick.
@@ -30,7 +37,7 @@ export class Keepalive {
     this.#target = target;
     this.#interval = interval;
     this.#timeout = timeout;
-    this.#seen = target.reads;
+    this.#seen = target.arrivals;
     this.#timer = setTimeout(this.#onIdle, interval);
   }
 
@@ -60,9 +67,9 @@ export class Keepalive {
   }
 
   #moved(): boolean {
-    const reads = this.#target.reads;
-    if (reads === this.#seen) return false;
-    this.#seen = reads;
+    const arrivals = this.#target.arrivals;
+    if (arrivals === this.#seen) return false;
+    this.#seen = arrivals;
     return true;
   }
 }

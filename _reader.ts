@@ -195,7 +195,7 @@ export class Reader {
   #validating = false;
   #utf8: Utf8Validator | undefined;
   #readLimit = 0;
-  #reads = 0;
+  #arrivals = 0;
   /** Made on first use: a Conn that never sets one pays nothing for it. */
   #readDeadline: Deadline | undefined;
   #reading = false;
@@ -243,12 +243,11 @@ export class Reader {
   }
 
   /**
-   * Transport reads begun. Each begins after the one before returned bytes,
-   * so the count moves exactly when something arrives (the keepalive's
-   * sign of life).
+   * Transport reads that returned bytes: the count moves exactly when
+   * something arrives (the keepalive's sign of life).
    */
-  get reads(): number {
-    return this.#reads;
+  get arrivals(): number {
+    return this.#arrivals;
   }
 
   /** Why reads fail from now on (a CloseError once a close frame came). */
@@ -326,6 +325,7 @@ export class Reader {
           throw this.#readError(error);
         }
         if (n === null) throw unexpectedEOF();
+        this.#arrivals++;
         this.#commitFill(space, n);
       }
       await this.#startMessage();
@@ -928,7 +928,6 @@ export class Reader {
    * directly, so an idle connection keeps no extra suspended frames.
    */
   #startRead(buffer: Uint8Array): Promise<number | null> {
-    this.#reads++;
     const read = this.#transport.read(buffer);
     if (this.#readDeadline === undefined && this.#readSignal === undefined) {
       return read;
@@ -946,6 +945,7 @@ export class Reader {
       throw this.#readError(error);
     }
     if (n === null) throw unexpectedEOF();
+    this.#arrivals++;
     return n;
   }
 

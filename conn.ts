@@ -45,7 +45,11 @@ import {
   type ProtocolError,
 } from "./frame.ts";
 import { deadlineTime } from "./_deadline.ts";
-import { Keepalive, type KeepaliveTarget } from "./_keepalive.ts";
+import {
+  Keepalive,
+  KEEPALIVE_EXPIRED,
+  type KeepaliveTarget,
+} from "./_keepalive.ts";
 import { closed } from "./_close_watch.ts";
 import { checkCompressionLevel, checkConnSettings } from "./_options.ts";
 import {
@@ -1276,8 +1280,8 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         this.#conn.#writer.uncork();
       }
 
-      get reads() {
-        return this.#conn.#reader.reads;
+      get arrivals() {
+        return this.#conn.#reader.arrivals;
       }
 
       ping() {
@@ -1289,10 +1293,7 @@ export class Conn implements AsyncIterable<Message>, AsyncDisposable {
         // Reads learn the truth at once; the peer, if it is only slow,
         // learns why from the close frame, which is not waited for.
         conn.#reader.close(
-          new CloseError(
-            CLOSE_CODE.AbnormalClosure,
-            "the peer did not answer a keepalive ping in time",
-          ),
+          new CloseError(CLOSE_CODE.AbnormalClosure, KEEPALIVE_EXPIRED),
         );
         failConnection(conn, conn.#writer, {
           code: CLOSE_CODE.GoingAway,

@@ -40,6 +40,7 @@ import {
 } from "./upgrader.ts";
 import { onClosed } from "./_close_watch.ts";
 import { TOKEN } from "./_http.ts";
+import { KEEPALIVE_EXPIRED } from "./_keepalive.ts";
 import { checkClose, formatExtensions, parseWebSocketUrl } from "./_web.ts";
 
 /**
@@ -64,8 +65,10 @@ export interface UpgradeWebSocketOptions extends UpgraderOptions {
    */
   protocol?: string;
   /**
-   * Seconds of silence after which a ping is sent; the connection closes
-   * when nothing answers within as long again (default 30, as Deno's; 0
+   * Seconds within which a silent peer must answer a ping, as Deno's: after
+   * half of it in silence a ping is sent, and when nothing arrives in the
+   * other half the connection closes with 1001 and the socket fires `error`
+   * and a `close` of 1001, "No response from ping frame." (default 30; 0
    * turns it off). `pingInterval` / `pongTimeout`, when given, win.
    */
   idleTimeout?: number;
@@ -202,6 +205,8 @@ export class WebSocket extends EventTarget {
   readonly #abort = new AbortController();
   /** The peer's close frame, once it arrived: the close is clean. */
   #peerClose: { code: number; reason: string } | undefined;
+  /** The peer did not answer a keepalive ping (`idleTimeout`). */
+  #unanswered = false;
   /** Sends waiting behind a Blob being read, so that order is kept. */
   #queue: Promise<void> | undefined;
   readonly #handlers = new Map<string, ((event: Event) => unknown) | null>();
@@ -478,6 +483,7 @@ export class WebSocket extends EventTarget {
       } catch (error) {
         if (error instanceof CloseError && this.#peerClose === undefined) {
           this.#peerClose = { code: error.code, reason: error.text };
+          this.#unanswered = error.text === KEEPALIVE_EXPIRED;
         }
         break;
       }
@@ -500,7 +506,8 @@ export class WebSocket extends EventTarget {
   /**
    * § The WebSocket connection is closed: CLOSED, `error` first when the
    * connection failed, then `close`. A clean close needs the peer's close
-   * frame (RFC 6455 section 7.1.4); without one the code is 1006.
+   * frame (RFC 6455 section 7.1.4); without one the code is 1006, or
+   * Deno's 1001 when a keepalive ping went unanswered.
    */
   #closed(failedToOpen: boolean): void {
     const clean = !failedToOpen && this.#peerClose !== undefined &&
@@ -510,12 +517,15 @@ export class WebSocket extends EventTarget {
     if (failedToOpen || (!clean && !wasClosing)) {
       this.dispatchEvent(new Event("error"));
     }
+    let code: number = CLOSE_CODE.AbnormalClosure;
+    let reason = "";
+    if (clean) ({ code, reason } = this.#peerClose!);
+    else if (this.#unanswered) {
+      code = CLOSE_CODE.GoingAway;
+      reason = "No response from ping frame.";
+    }
     this.dispatchEvent(
-      new CloseEvent("close", {
-        wasClean: clean,
-        code: clean ? this.#peerClose!.code : CLOSE_CODE.AbnormalClosure,
-        reason: clean ? this.#peerClose!.reason : "",
-      }),
+      new CloseEvent("close", { wasClean: clean, code, reason }),
     );
   }
 }
@@ -594,8 +604,8 @@ export function upgradeWebSocket(
     );
   }
   const upgrader = new Upgrader({
-    pingInterval: idleTimeout * 1000,
-    pongTimeout: idleTimeout > 0 ? idleTimeout * 1000 : undefined,
+    pingInterval: idleTimeout * 500,
+    pongTimeout: idleTimeout > 0 ? idleTimeout * 500 : undefined,
     ...settings,
   });
   const headers = new Headers(extra);

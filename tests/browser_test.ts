@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import * as playwright from "npm:playwright-core@1";
 import { startServer as startChat } from "../examples/chat/server.ts";
+import { startServer as startWebChat } from "../examples/chat/web.ts";
 import { startServer as startCommand } from "../examples/command/server.ts";
 import { startServer as startEcho } from "../examples/echo/server.ts";
 import { startServer as startFilewatch } from "../examples/filewatch/server.ts";
@@ -142,6 +143,31 @@ async function openPage(
   return page;
 }
 
+/**
+ * Two chat pages on `port`: a line typed in one appears in both; `joined`
+ * says how many clients the server counts.
+ */
+async function chatInTwoPages(port: number, joined: () => number) {
+  await using browser = await launchChromium();
+  const url = `http://127.0.0.1:${port}/`;
+  const alice = await openPage(browser, url);
+  const bob = await openPage(browser, url);
+  await alice.waitForSelector("body[data-state=open]");
+  await bob.waitForSelector("body[data-state=open]");
+  assert.equal(joined(), 2);
+
+  await alice.fill("#msg", "Hello from Alice");
+  await alice.press("#msg", "Enter");
+  await bob.locator("#log div", { hasText: "Hello from Alice" }).waitFor();
+  // The server broadcasts to the sender as well, and the input is cleared.
+  await alice.locator("#log div", { hasText: "Hello from Alice" }).waitFor();
+  assert.equal(await alice.inputValue("#msg"), "");
+
+  await bob.fill("#msg", "Hi Alice");
+  await bob.click("#send");
+  await alice.locator("#log div", { hasText: "Hi Alice" }).waitFor();
+}
+
 Deno.test("chat: a line typed in one browser page appears in the other", async () => {
   const chat = new Sessions();
   const { server, hub } = startChat({
@@ -149,29 +175,35 @@ Deno.test("chat: a line typed in one browser page appears in the other", async (
     onConnection: chat.onConnection,
   });
   try {
-    await using browser = await launchChromium();
-    const url = `http://127.0.0.1:${server.addr.port}/`;
-    const alice = await openPage(browser, url);
-    const bob = await openPage(browser, url);
-    await alice.waitForSelector("body[data-state=open]");
-    await bob.waitForSelector("body[data-state=open]");
-    assert.equal(hub.size, 2);
-
-    await alice.fill("#msg", "Hello from Alice");
-    await alice.press("#msg", "Enter");
-    await bob.locator("#log div", { hasText: "Hello from Alice" }).waitFor();
-    // The hub broadcasts to the sender as well, and the input is cleared.
-    await alice.locator("#log div", { hasText: "Hello from Alice" }).waitFor();
-    assert.equal(await alice.inputValue("#msg"), "");
-
-    await bob.fill("#msg", "Hi Alice");
-    await bob.click("#send");
-    await alice.locator("#log div", { hasText: "Hi Alice" }).waitFor();
+    await chatInTwoPages(server.addr.port, () => hub.size);
   } finally {
     await chat.settled();
     await server.shutdown();
   }
   assert.equal(hub.size, 0);
+});
+
+Deno.test("chat: the same page runs unchanged against upgradeWebSocket", async () => {
+  const { server, sockets } = startWebChat({ port: 0 });
+  const closed: Promise<unknown>[] = [];
+  try {
+    await chatInTwoPages(server.addr.port, () => {
+      for (const socket of sockets) {
+        closed.push(
+          new Promise((resolve) => socket.addEventListener("close", resolve)),
+        );
+        // Chromium offered permessage-deflate, and the server took it.
+        assert.match(socket.extensions, /^permessage-deflate/);
+      }
+      return sockets.size;
+    });
+    // Closing the browser closed the pages' sockets (1001, going away).
+    const events = await Promise.all(closed) as CloseEvent[];
+    assert.deepEqual(events.map((event) => event.code), [1001, 1001]);
+  } finally {
+    await server.shutdown();
+  }
+  assert.equal(sockets.size, 0);
 });
 
 Deno.test("echo: the page round-trips a message with permessage-deflate negotiated", async () => {

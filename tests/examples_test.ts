@@ -903,6 +903,16 @@ Deno.test("deno task chat starts the chat server and prints its URL", async () =
   assert.equal(await program.stop(), "");
 });
 
+Deno.test("deno task chat:web starts the upgradeWebSocket chat server", async () => {
+  const program = await runTask("chat:web", []);
+  assert.match(program.printed, /^Chat on http:\/\/127\.0\.0\.1:\d+\//);
+  const client = await Client.connect(`ws://${program.url.host}/ws`);
+  client.ws.send("anyone\nthere?");
+  assert.equal(await client.next(), "anyone there?");
+  await client.close();
+  assert.equal(await program.stop(), "");
+});
+
 Deno.test("deno task command runs the given command for each connection", async () => {
   const program = await runTask("command", ["--", "cat"]);
   assert.match(program.printed, /Running "cat"/);

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import type { Buffer } from "node:buffer";
 import type { AddressInfo } from "node:net";
+import { FrameReader, OP, parseClose } from "./_frames.ts";
 import { NodeWebSocket, WebSocketServer } from "./_ws.ts";
 import { serve } from "../upgrader.ts";
 import { upgradeWebSocket, WebSocket } from "../websocket.ts";
@@ -70,31 +71,37 @@ interface Server {
   close(): Promise<void>;
 }
 
+/** The options both `upgradeWebSocket`s take. */
+interface UpgradeOptions {
+  protocol?: string;
+  idleTimeout?: number;
+}
+
 /** A server of `kind` handing its (first) socket to `behave`. */
 function startServer(
   kind: Kind,
   behave: (socket: Socket) => void,
-  protocol?: string,
+  options: UpgradeOptions = {},
 ): Server {
   const log = Promise.withResolvers<string[]>();
   const handler = (request: Request) => {
     const { socket, response } = kind === "deno"
-      ? Deno.upgradeWebSocket(request, protocol ? { protocol } : {})
-      : upgradeWebSocket(request, protocol ? { protocol } : {});
+      ? Deno.upgradeWebSocket(request, options)
+      : upgradeWebSocket(request, options);
     record(socket).done.then(log.resolve);
     behave(socket);
     return response;
   };
-  const options = { hostname: HOST, port: 0, onListen() {} };
+  const where = { hostname: HOST, port: 0, onListen() {} };
   if (kind === "deno") {
-    const server = Deno.serve(options, handler);
+    const server = Deno.serve(where, handler);
     return {
       url: `ws://${HOST}:${server.addr.port}/path?q=1`,
       log: log.promise,
       close: () => server.shutdown(),
     };
   }
-  const server = serve(options, handler);
+  const server = serve(where, handler);
   return {
     url: `ws://${HOST}:${server.addr.port}/path?q=1`,
     log: log.promise,
@@ -193,7 +200,7 @@ Deno.test("attributes: url, protocol, constants, binaryType", async () => {
   await everyPair(async (clientKind, serverKind) => {
     const server = startServer(serverKind, (socket) => {
       socket.onopen = () => socket.close();
-    }, "chat");
+    }, { protocol: "chat" });
     const client = connect(clientKind, server.url, ["chat", "other"]);
     const before = {
       url: client.url.replace(new URL(server.url).port, "PORT"),
@@ -460,26 +467,80 @@ Deno.test("a server that vanishes without a close frame: 1006", async () => {
   ]);
 });
 
+/** A raw client that completed the opening handshake on `server`. */
+async function handshake(server: Server): Promise<Deno.TcpConn> {
+  const port = Number(new URL(server.url).port);
+  const conn = await Deno.connect({ hostname: HOST, port });
+  await conn.write(
+    new TextEncoder().encode(
+      "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    ),
+  );
+  const buffer = new Uint8Array(4096);
+  let head = "";
+  while (!head.includes("\r\n\r\n")) {
+    const n = (await conn.read(buffer))!;
+    head += new TextDecoder().decode(buffer.subarray(0, n));
+  }
+  assert.match(head, /^HTTP\/1.1 101/);
+  assert.ok(head.endsWith("\r\n\r\n"), "frames came with the head");
+  return conn;
+}
+
+Deno.test("idleTimeout: a peer that does not answer the ping is closed with 1001", async () => {
+  const results = [];
+  for (const kind of KINDS) {
+    const server = startServer(kind, () => {}, { idleTimeout: 1 });
+    const conn = await handshake(server);
+    const started = performance.now();
+    const reader = new FrameReader(conn);
+    const ping = await reader.next();
+    const pinged = performance.now() - started;
+    const close = await reader.next();
+    const closed = performance.now() - started;
+    // Deno's dispatches a second close event (1005, clean) once the
+    // connection is gone; the first one is the answer.
+    const log = await server.log;
+    conn.close();
+    await server.close();
+    // Half the timeout in silence, then the ping; the other half unanswered.
+    assert.ok(pinged >= 400 && pinged < 900, `${kind}: pinged at ${pinged}`);
+    assert.ok(closed >= 900 && closed < 1500, `${kind}: closed at ${closed}`);
+    results.push({
+      ping: ping?.opcode,
+      close: close && parseClose(close.payload).code,
+      log: log.slice(0, 3),
+    });
+  }
+  assert.deepEqual(results[1], results[0]);
+  assert.deepEqual(results[1], {
+    ping: OP.ping,
+    close: 1001,
+    log: ["open", "error", 'close 1001 "No response from ping frame." false'],
+  });
+});
+
+Deno.test("idleTimeout: a peer that answers pings stays open", async () => {
+  // Past the 1 s in which an unanswered ping would have closed it.
+  const events = await everyPair(async (clientKind, serverKind) => {
+    const server = startServer(serverKind, (socket) => {
+      socket.onopen = () => setTimeout(() => socket.close(1000, "done"), 1600);
+    }, { idleTimeout: 1 });
+    const events = await record(connect(clientKind, server.url)).done;
+    await server.log;
+    await server.close();
+    return events;
+  });
+  assert.deepEqual(events, ["open", 'close 1000 "done" true']);
+});
+
 Deno.test("a client that vanishes without a close frame: 1006", async () => {
   const logs = [];
   for (const kind of KINDS) {
     const server = startServer(kind, () => {});
-    const port = Number(new URL(server.url).port);
-    const conn = await Deno.connect({ hostname: HOST, port });
-    await conn.write(
-      new TextEncoder().encode(
-        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-          "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n" +
-          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-      ),
-    );
-    const buffer = new Uint8Array(4096);
-    let head = "";
-    while (!head.includes("\r\n\r\n")) {
-      const n = (await conn.read(buffer))!;
-      head += new TextDecoder().decode(buffer.subarray(0, n));
-    }
-    assert.match(head, /^HTTP\/1.1 101/);
+    const conn = await handshake(server);
     conn.close();
     logs.push(await server.log);
     await server.close();
