@@ -1,8 +1,9 @@
 // The permessage-deflate engine (RFC 7692 section 7.2): compresses one message
 // with a fresh CompressionStream and inflates received messages through a
 // DecompressionStream, bounding the inflated size. Negotiation lives in
-// deflate.ts. It also keeps a connection's inflater alive only while messages
-// flow, and compresses the fragments of a streamed message.
+// deflate.ts; what a connection keeps between messages (its inflater, and
+// the windows of context takeover) lives in _deflate_context.ts. It also
+// compresses the fragments of a streamed message.
 //
 // CompressionStream has no level and no window size. When the application
 // chooses a level, or the peer allows only a smaller window, messages are
@@ -36,7 +37,7 @@ import { concat } from "./_io.ts";
 export const DEFAULT_COMPRESSION_THRESHOLD = 256;
 
 /** The 4 octets RFC 7692 section 7.2.1 strips and section 7.2.2 appends. */
-const SYNC_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
+export const SYNC_TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 
 /**
  * What the inflater appends to each message: the section 7.2.2 tail, then a
@@ -59,11 +60,11 @@ const SENTINEL = new Uint8Array([
 const SENTINEL_TEXT = new Uint8Array([0x57, 0x53, 0xe9, 0x0d]);
 
 /** Largest input slice per write(): keeps CompressionStream's marker intact. */
-const MAX_SLICE = 16 * 1024;
+export const MAX_SLICE = 16 * 1024;
 /** DEFLATE expands at most ~1032:1 (a 258-byte match in 2 bits). */
-const MAX_EXPANSION = 1032;
+export const MAX_EXPANSION = 1032;
 /** Smallest inflate slice, so a nearly spent limit still makes progress. */
-const MIN_INFLATE_SLICE = 64;
+export const MIN_INFLATE_SLICE = 64;
 
 /** gorilla's compression levels: -2 (Huffman only) to 9 (best compression). */
 export const MIN_COMPRESSION_LEVEL = -2;
@@ -72,14 +73,17 @@ export const MAX_COMPRESSION_LEVEL = 9;
 
 /**
  * How one end compresses the messages it sends (RFC 7692 section 7.1.2.1 and
- * 7.1.2.2): the window the peer allows it and, when the application chose
- * one, the level.
+ * 7.1.2.2): the window the peer allows it, whether it keeps that window
+ * between messages (section 7.1.1) and, when the application chose one, the
+ * level.
  */
 export interface DeflateSettings {
   /** gorilla's level, -2 to 9; undefined: CompressionStream's own. */
   readonly level: number | undefined;
   /** Base-2 logarithm of the largest window the peer allows, 9 to 15. */
   readonly windowBits: number;
+  /** Messages may refer back into the ones before (context takeover). */
+  readonly contextTakeover: boolean;
 }
 
 /**
@@ -93,16 +97,21 @@ export function deflateSettings(
   role: "server" | "client",
   level: number | undefined,
 ): DeflateSettings | undefined {
-  const windowBits = role === "server"
+  const server = role === "server";
+  const windowBits = server
     ? parameters.serverMaxWindowBits
     : parameters.clientMaxWindowBits;
-  return windowBits < 9 ? undefined : { level, windowBits };
+  const contextTakeover = server
+    ? !parameters.serverNoContextTakeover
+    : !parameters.clientNoContextTakeover;
+  return windowBits < 9 ? undefined : { level, windowBits, contextTakeover };
 }
 
 /** The default: CompressionStream, whose window is the largest, 15 bits. */
 export const STREAM_DEFLATE: DeflateSettings = {
   level: undefined,
   windowBits: 15,
+  contextTakeover: false,
 };
 
 /** Whether `settings` need node:zlib: a level or a window below 15 bits. */
@@ -148,6 +157,16 @@ export class InflateError extends Error {
     this.name = "InflateError";
     this.code = code;
   }
+}
+
+/** What an inflater throws for `error`: itself, or a 1007 for corrupt data. */
+export function asInflateError(error: unknown): InflateError {
+  if (error instanceof InflateError) return error;
+  return new InflateError(
+    1007,
+    "Cannot inflate message: the data is not a valid DEFLATE stream",
+    { cause: error },
+  );
 }
 
 /**
@@ -217,14 +236,14 @@ class StreamDriver {
 function ignore(): void {}
 
 /** A compressor that sync-flushes every push: each output ends in 00 00 ff ff. */
-interface Flusher {
+export interface Flusher {
   readonly maxSlice: number;
   push(bytes: Uint8Array): Promise<Uint8Array | undefined>;
   end(): void;
 }
 
 /** {@linkcode Flusher} over a node:zlib raw deflate stream. */
-class ZlibFlusher implements Flusher {
+export class ZlibFlusher implements Flusher {
   readonly maxSlice = Infinity;
   #deflate: zlib.DeflateRaw;
   #chunks: Uint8Array[] = [];
@@ -252,7 +271,7 @@ class ZlibFlusher implements Flusher {
   }
 }
 
-function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
+export function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
   if (data.length < suffix.length) return false;
   const offset = data.length - suffix.length;
   for (let i = 0; i < suffix.length; i++) {
@@ -263,7 +282,8 @@ function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
 
 /**
  * Compresses one message, possibly in pieces (a streaming writer), with a
- * fresh CompressionStream: no context takeover (RFC 7692 section 7.1.1).
+ * fresh CompressionStream (no context takeover, RFC 7692 section 7.1.1) or
+ * a connection's context-takeover stream.
  *
  * Each `write()` returns the bytes to send for that piece. The first write
  * always returns at least one byte (an empty message compresses to `00`,
@@ -272,15 +292,22 @@ function endsWith(data: Uint8Array, suffix: Uint8Array): boolean {
  */
 export class MessageDeflater {
   #driver: Flusher;
+  /** The driver is this message's own, ended with it. */
+  #owned: boolean;
   // The previous piece's 00 00 ff ff, held back in case it was the last one.
   #holdingTail = false;
   #broken = false;
 
-  /** @param settings The window and level; see {@linkcode DeflateSettings}. */
-  constructor(settings: DeflateSettings) {
-    this.#driver = needsZlib(settings)
-      ? new ZlibFlusher(settings)
-      : new StreamDriver(new CompressionStream("deflate-raw"));
+  /**
+   * @param settings The window and level; see {@linkcode DeflateSettings}.
+   * @param shared A stream that outlives the message (context takeover).
+   */
+  constructor(settings: DeflateSettings, shared?: Flusher) {
+    this.#owned = shared === undefined;
+    this.#driver = shared ??
+      (needsZlib(settings)
+        ? new ZlibFlusher(settings)
+        : new StreamDriver(new CompressionStream("deflate-raw")));
   }
 
   /**
@@ -317,15 +344,18 @@ export class MessageDeflater {
     return parts.length === 1 ? parts[0] : concat(parts);
   }
 
-  /** Frees the stream; the held-back `00 00 ff ff` is dropped (section 7.2.1). */
+  /**
+   * Ends the message: the held-back `00 00 ff ff` is dropped (section
+   * 7.2.1), and a stream of the message's own is freed.
+   */
   close(): void {
-    this.#driver.end();
+    if (this.#owned) this.#driver.end();
   }
 }
 
 /**
  * Compresses a whole message for a frame with RSV1 set (RFC 7692 section
- * 7.2.1).
+ * 7.2.1), on its own or through a connection's context-takeover stream.
  *
  * @returns the payload, or undefined when the compressor's output did not end
  * as expected: send the message uncompressed then
@@ -333,9 +363,12 @@ export class MessageDeflater {
 export async function compressMessage(
   data: Uint8Array,
   settings: DeflateSettings,
+  shared?: Flusher,
 ): Promise<Uint8Array | undefined> {
-  if (needsZlib(settings)) return await zlibCompress(data, settings);
-  const deflater = new MessageDeflater(settings);
+  if (shared === undefined && needsZlib(settings)) {
+    return await zlibCompress(data, settings);
+  }
+  const deflater = new MessageDeflater(settings, shared);
   try {
     return await deflater.write(data);
   } finally {
@@ -458,12 +491,7 @@ export class MessageInflater {
         );
       }
       this.close();
-      if (error instanceof InflateError) throw error;
-      throw new InflateError(
-        1007,
-        "Cannot inflate message: the data is not a valid DEFLATE stream",
-        { cause: error },
-      );
+      throw asInflateError(error);
     }
   }
 
@@ -637,16 +665,23 @@ export class FragmentCompressor {
   /** Compress once the message reaches this size. */
   readonly #threshold: number;
   readonly #settings: DeflateSettings;
+  readonly #shared: Flusher | undefined;
   #deflater: MessageDeflater | undefined;
   #started = false;
 
   /**
    * @param threshold Messages ending below it go out uncompressed.
    * @param settings The window and level to compress with.
+   * @param shared The connection's context-takeover stream, if it has one.
    */
-  constructor(threshold: number, settings: DeflateSettings) {
+  constructor(
+    threshold: number,
+    settings: DeflateSettings,
+    shared: Flusher | undefined,
+  ) {
     this.#threshold = threshold;
     this.#settings = settings;
+    this.#shared = shared;
   }
 
   /**
@@ -666,7 +701,7 @@ export class FragmentCompressor {
     if (first && fin && payload.length < this.#threshold) return undefined;
     // Past the first fragment without a deflater: the message is plain.
     if (!first && this.#deflater === undefined) return undefined;
-    this.#deflater ??= new MessageDeflater(this.#settings);
+    this.#deflater ??= new MessageDeflater(this.#settings, this.#shared);
     const compressed = await this.#deflater.write(payload);
     if (compressed === undefined) {
       this.close();
@@ -684,253 +719,5 @@ export class FragmentCompressor {
   close(): void {
     this.#deflater?.close();
     this.#deflater = undefined;
-  }
-}
-
-/** Milliseconds between sweeps that free the inflaters of idle connections. */
-const INFLATER_SWEEP_INTERVAL = 1000;
-/** Connections holding an inflater, checked by the shared sweep. */
-const inflaterSlots = new Set<InflaterSlot>();
-let sweepTick = 0;
-let sweepTimer: ReturnType<typeof setInterval> | undefined;
-
-/**
- * Frees the inflater of every connection that has not inflated anything
- * since the previous sweep (idle for one to two intervals).
- */
-function sweepInflaters(): void {
-  sweepTick++;
-  for (const slot of inflaterSlots) {
-    if (!slot.busy && sweepTick - slot.used >= 2) slot.release();
-  }
-}
-
-/**
- * A connection's {@linkcode MessageInflater}, kept while messages flow and
- * freed once the connection idles. Keeping it saves ~13 us per message (a
- * fresh DecompressionStream; measured 10 us reused vs 23-25 us fresh for a
- * 2 KiB JSON message), while an idle connection should not hold the ~58 KiB
- * of inflate state. One shared interval timer (unref'd, and only while some
- * connection holds an inflater) frees what has been unused for over a
- * second; a connection frees its own when it closes.
- */
-/** What an {@linkcode InflaterSlot} inflates with. */
-interface Inflater {
-  inflate(data: Uint8Array, options: InflateOptions): Promise<Uint8Array[]>;
-  close(): void;
-}
-
-/** The LZ77 window a DEFLATE stream may refer back into: 32 KiB. */
-const WINDOW = 32 * 1024;
-
-/**
- * Inflates a peer that uses context takeover (RFC 7692 section 7.1.1): its
- * messages may refer back into the ones before, so one node:zlib stream
- * carries all of them, and only the section 7.2.2 tail is appended (no
- * sentinel: it would shift the window the peer compresses against). The
- * last 32 KiB of output are kept, so that `suspend()` can free the zlib
- * state of an idle connection: a new stream is primed with them, as one
- * stored block whose output is dropped (Deno's node:zlib ignores a raw
- * stream's `dictionary`). Input goes in slices small enough that the output
- * cannot pass the read limit by more than one slice's worth.
- */
-class ContextInflater implements Inflater {
-  #zlib: zlib.InflateRaw | undefined;
-  #chunks: Uint8Array[] = [];
-  #failed: ((error: unknown) => void) | undefined;
-  #produced = 0; // inflated bytes of the current message
-  /** The last WINDOW bytes of output, as a ring, and how much is real. */
-  #window = new Uint8Array(WINDOW);
-  #windowEnd = 0;
-  #windowFull = false;
-
-  async inflate(
-    data: Uint8Array,
-    options: InflateOptions,
-  ): Promise<Uint8Array[]> {
-    const out: Uint8Array[] = [];
-    try {
-      for (let offset = 0; offset < data.length;) {
-        const size = Math.max(
-          MIN_INFLATE_SLICE,
-          Math.min(
-            MAX_SLICE,
-            Math.floor((options.limit - this.#produced) / MAX_EXPANSION),
-          ),
-        );
-        this.#take(
-          await this.#push(data.subarray(offset, offset + size)),
-          options.limit,
-          out,
-        );
-        offset += size;
-      }
-      if (options.final) {
-        this.#take(await this.#push(SYNC_TAIL), options.limit, out);
-        this.#produced = 0;
-      }
-      return out;
-    } catch (error) {
-      this.close();
-      if (error instanceof InflateError) throw error;
-      throw new InflateError(
-        1007,
-        "Cannot inflate message: the data is not a valid DEFLATE stream",
-        { cause: error },
-      );
-    }
-  }
-
-  /** Frees the zlib state; the window is kept for the next message. */
-  suspend(): void {
-    this.#zlib?.close();
-    this.#zlib = undefined;
-  }
-
-  /** Frees everything: the connection is done with the inflater. */
-  close(): void {
-    this.suspend();
-    this.#windowEnd = 0;
-    this.#windowFull = false;
-    this.#produced = 0;
-  }
-
-  /** A new stream, primed with the window of the messages before. */
-  async #open(): Promise<zlib.InflateRaw> {
-    const stream = zlib.createInflateRaw();
-    stream.on("data", (chunk: Uint8Array) => this.#chunks.push(chunk));
-    stream.on("error", (error: unknown) => this.#failed?.(error));
-    const window = this.#windowFull
-      ? concat([
-        this.#window.subarray(this.#windowEnd),
-        this.#window.subarray(0, this.#windowEnd),
-      ])
-      : this.#window.subarray(0, this.#windowEnd);
-    if (window.length > 0) {
-      // A non-final stored block (RFC 1951 section 3.2.4): its bytes land
-      // in the LZ77 window as if they had just been inflated.
-      const n = window.length;
-      const block = new Uint8Array(5 + n);
-      block.set([0x00, n & 0xff, n >> 8, ~n & 0xff, (~n >> 8) & 0xff]);
-      block.set(window, 5);
-      await this.#write(stream, block);
-    }
-    return stream;
-  }
-
-  /** Writes `bytes` with a sync flush; resolves what they inflated to. */
-  async #push(bytes: Uint8Array): Promise<Uint8Array[]> {
-    this.#zlib ??= await this.#open();
-    return await this.#write(this.#zlib, bytes);
-  }
-
-  #write(stream: zlib.InflateRaw, bytes: Uint8Array): Promise<Uint8Array[]> {
-    return new Promise((resolve, reject) => {
-      this.#failed = reject;
-      stream.write(bytes);
-      stream.flush(zlib.constants.Z_SYNC_FLUSH, () => {
-        this.#failed = undefined;
-        // Corrupt data destroys the stream at once; its "error" event may
-        // come only after this callback.
-        if (stream.destroyed) {
-          reject(new Error("Cannot inflate: corrupt DEFLATE data"));
-        } else {
-          resolve(this.#chunks.splice(0));
-        }
-      });
-    });
-  }
-
-  /** Counts `chunks` against the limit and into the window; appends them. */
-  #take(chunks: Uint8Array[], limit: number, out: Uint8Array[]): void {
-    for (const chunk of chunks) {
-      this.#produced += chunk.length;
-      if (this.#produced > limit) {
-        throw new InflateError(
-          1009,
-          `Cannot inflate message: it exceeds the read limit of ${limit} bytes`,
-        );
-      }
-      this.#remember(chunk);
-      out.push(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
-    }
-  }
-
-  #remember(chunk: Uint8Array): void {
-    const tail = chunk.length > WINDOW
-      ? chunk.subarray(chunk.length - WINDOW)
-      : chunk;
-    const first = Math.min(tail.length, WINDOW - this.#windowEnd);
-    this.#window.set(tail.subarray(0, first), this.#windowEnd);
-    this.#window.set(tail.subarray(first), 0);
-    const end = this.#windowEnd + tail.length;
-    if (end >= WINDOW) this.#windowFull = true;
-    this.#windowEnd = end % WINDOW;
-  }
-}
-
-export class InflaterSlot {
-  readonly #takeover: boolean;
-  #inflater: Inflater | undefined;
-  /** The sweep tick of the last use. */
-  used = 0;
-  /** A message is part-way through the inflater: it must not be freed. */
-  busy = false;
-
-  /**
-   * @param takeover The peer may use context takeover: one inflater keeps
-   * its window for the connection's life (suspended while idle).
-   */
-  constructor(takeover: boolean) {
-    this.#takeover = takeover;
-  }
-
-  /** Inflates a piece of the current message (see MessageInflater). */
-  async inflate(
-    piece: Uint8Array,
-    final: boolean,
-    limit: number,
-  ): Promise<Uint8Array[]> {
-    if (this.#inflater === undefined || !inflaterSlots.has(this)) {
-      this.#inflater ??= this.#takeover
-        ? new ContextInflater()
-        : new MessageInflater();
-      inflaterSlots.add(this);
-      if (sweepTimer === undefined) {
-        sweepTimer = setInterval(sweepInflaters, INFLATER_SWEEP_INTERVAL);
-        Deno.unrefTimer(sweepTimer);
-      }
-    }
-    this.used = sweepTick;
-    this.busy = true;
-    try {
-      const chunks = await this.#inflater.inflate(piece, { final, limit });
-      this.busy = !final;
-      return chunks;
-    } catch (error) {
-      // The inflater closed itself; the next message starts a new one.
-      this.busy = false;
-      throw error;
-    }
-  }
-
-  /**
-   * Frees the inflater (a later message creates a new one), or with context
-   * takeover only its zlib state, keeping the window it resumes from.
-   */
-  release(): void {
-    if (this.#inflater === undefined) return;
-    if (this.#inflater instanceof ContextInflater) {
-      this.#inflater.suspend();
-    } else {
-      this.#inflater.close();
-      this.#inflater = undefined;
-    }
-    this.busy = false;
-    inflaterSlots.delete(this);
-    if (inflaterSlots.size === 0 && sweepTimer !== undefined) {
-      clearInterval(sweepTimer);
-      sweepTimer = undefined;
-    }
   }
 }

@@ -23,7 +23,8 @@ import {
 import { Deadline, isAbort } from "./_deadline.ts";
 import { maskInPlace } from "./_mask.ts";
 import { Utf8Validator } from "./_utf8.ts";
-import { InflateError, InflaterSlot } from "./_deflate_stream.ts";
+import { InflateError } from "./_deflate_stream.ts";
+import { InflaterSlot } from "./_deflate_context.ts";
 import { COPY_LIMIT, FRAME_HEADROOM, headroomBuffers } from "./_writer.ts";
 import { handBack, takePayloadBuffer } from "./_payload_pool.ts";
 

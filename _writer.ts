@@ -30,8 +30,10 @@ import {
   compressedPayloadOf,
   compressMessage,
   type DeflateSettings,
+  type Flusher,
   FragmentCompressor,
 } from "./_deflate_stream.ts";
+import { ContextDeflater } from "./_deflate_context.ts";
 
 /** What a {@linkcode Writer} needs from its transport. */
 export interface WriteTransport {
@@ -324,6 +326,8 @@ export class Writer {
   compressWrites = true;
   /** How written messages are compressed (the level can change). */
   deflate: DeflateSettings | undefined;
+  /** The one compressor of every message, with context takeover. */
+  readonly #context: ContextDeflater | undefined;
   /**
    * The reader is working through frames already buffered: frames written
    * meanwhile wait for it (see {@linkcode Writer.uncork}).
@@ -368,6 +372,14 @@ export class Writer {
       ? -1
       : options.compressionThreshold;
     this.deflate = options.deflate;
+    if (options.deflate?.contextTakeover) {
+      this.#context = new ContextDeflater(options.deflate);
+    }
+  }
+
+  /** The context-takeover compressor at the current settings, if any. */
+  get sharedDeflater(): Flusher | undefined {
+    return this.#context?.use(this.deflate!);
   }
 
   /** Why the write side failed for good, or undefined. */
@@ -498,9 +510,11 @@ export class Writer {
   /**
    * Slow path of a message write: in turn behind writers and a full queue.
    * With `compress` (or a prepared message, whose compressed payload is
-   * shared) the payload is compressed in turn, which keeps messages in order
-   * however long each compression takes; RSV1 marks it (RFC 7692 section
-   * 6). A payload the compressor fails on goes out uncompressed.
+   * shared unless this end keeps its context) the payload is compressed in
+   * turn, which keeps messages in order however long each compression
+   * takes, and with context takeover keeps the compressor's window in the
+   * order the peer inflates; RSV1 marks it (RFC 7692 section 6). A payload
+   * the compressor fails on goes out uncompressed.
    */
   async #writeLocked(
     b0: number,
@@ -512,8 +526,9 @@ export class Writer {
     try {
       await lock.ready;
       if (compress !== undefined) {
-        const compressed = compress === true
-          ? await compressMessage(payload, this.deflate!)
+        const shared = this.sharedDeflater;
+        const compressed = compress === true || shared !== undefined
+          ? await compressMessage(payload, this.deflate!, shared)
           : await compressedPayloadOf(compress, this.deflate!);
         if (compressed !== undefined) {
           b0 |= RSV1;
@@ -829,6 +844,7 @@ export class Writer {
   /** The connection closed: fails every queued and later write. */
   close(error: unknown): void {
     this.#error ??= error;
+    this.#context?.close();
     if (this.#uncorkTimer !== undefined) {
       clearTimeout(this.#uncorkTimer);
       this.#uncorkTimer = undefined;
@@ -865,7 +881,11 @@ class FragmentWriter implements MessageWriter {
     this.#lock = lock;
     this.#chain = lock.ready;
     if (threshold >= 0) {
-      this.#compressor = new FragmentCompressor(threshold, writer.deflate!);
+      this.#compressor = new FragmentCompressor(
+        threshold,
+        writer.deflate!,
+        writer.sharedDeflater,
+      );
     }
   }
 

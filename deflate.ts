@@ -8,12 +8,12 @@
  * inflated with `DecompressionStream`, by default with no context takeover in
  * either direction (RFC 7692 section 7.1.1): every message is compressed on
  * its own, so no sender keeps a compression window between messages. With
- * `contextTakeover` the peer may keep its window (browsers and ws do by
- * default), and its messages are inflated through one node:zlib stream per
- * connection; this end still compresses each message on its own. The inflated
- * size of a received message is bounded by the connection's read limit while
- * it is inflated, so a decompression bomb is refused (close 1009) without
- * being expanded, with either engine.
+ * `contextTakeover`, each direction the peer agrees to keeps its window
+ * (browsers and ws do by default), through one node:zlib stream per
+ * connection and direction: later messages refer back into earlier ones and
+ * compress better. The inflated size of a received message is bounded by the
+ * connection's read limit while it is inflated, so a decompression bomb is
+ * refused (close 1009) without being expanded, with either engine.
  *
  * `CompressionStream` has no level and always uses a 32 KiB window. With a
  * compression level set (`compressionLevel`, `conn.setCompressionLevel()`), or
@@ -64,33 +64,33 @@ export const DEFLATE_OFFER =
   "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits";
 
 /**
- * What the client offers with `contextTakeover`: the server may compress
- * with context takeover (RFC 7692 section 7.1.1.1), which this library then
- * inflates; the client itself compresses each message on its own.
+ * What the client offers with `contextTakeover`: both ends may compress with
+ * context takeover (RFC 7692 section 7.1.1); the client does unless the
+ * server answers `client_no_context_takeover`.
  *
  * @example The offer of a Dialer with contextTakeover
- * ```ts title="No server_no_context_takeover in it"
+ * ```ts title="No *_no_context_takeover in it"
  * import assert from "node:assert/strict";
  * import { DEFLATE_TAKEOVER_OFFER } from "@denows/websocket";
  *
- * assert.doesNotMatch(DEFLATE_TAKEOVER_OFFER, /server_no_context_takeover/);
+ * assert.doesNotMatch(DEFLATE_TAKEOVER_OFFER, /no_context_takeover/);
  * ```
  */
 export const DEFLATE_TAKEOVER_OFFER =
-  "permessage-deflate; client_no_context_takeover; client_max_window_bits";
-
-/** The server's answer before any window parameter: no takeover either way. */
-const DEFLATE_ANSWER =
-  "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+  "permessage-deflate; client_max_window_bits";
 
 /** Options of {@linkcode negotiateDeflate} and {@linkcode acceptDeflateResponse}. */
 export interface DeflateNegotiationOptions {
   /**
-   * Let the peer compress with context takeover (RFC 7692 section 7.1.1):
-   * its messages may refer back into earlier ones, and the connection keeps
-   * an inflater with a 32 KiB window for its life (its zlib state is freed
-   * while idle, the window kept). This end still compresses every message
-   * on its own. Default false: no context takeover either way.
+   * Use context takeover (RFC 7692 section 7.1.1) in each direction the
+   * peer does not refuse: a message may refer back into the ones before
+   * it, which makes small, similar messages much smaller. It costs memory:
+   * per direction a 32 KiB window for the connection's life, and while
+   * messages flow the zlib state (about 250 KiB to compress at 15 window
+   * bits, 20-40 KiB to inflate), freed after a second of idleness and rebuilt
+   * from the window. A prepared message is then compressed for each
+   * connection rather than once. Default false: no context takeover either
+   * way.
    */
   contextTakeover?: boolean;
 }
@@ -191,15 +191,16 @@ export class ExtensionNegotiationError extends Error {
  * invalid value, or a malformed syntax are declined and the next one is tried;
  * other extensions are ignored.
  *
- * The answer always asks for no context takeover in both directions. An
- * offer's `server_max_window_bits` is echoed as section 7.1.2.1 requires, and
- * the server compresses within it (see the module docs).
+ * Without `contextTakeover` the answer asks for no context takeover in both
+ * directions; with it, only for those the client asked for. An offer's
+ * `server_max_window_bits` is echoed as section 7.1.2.1 requires, and the
+ * server compresses within it (see the module docs).
  *
  * @param offers The request's `Sec-WebSocket-Extensions` value (several header
  * lines joined with commas, as `Headers.get` does), or null when absent.
- * @param options `contextTakeover`: let the client compress with context
- * takeover (the answer then leaves out `client_no_context_takeover` unless
- * the client offered it).
+ * @param options `contextTakeover`: both ends may keep their window (the
+ * answer then leaves out the `*_no_context_takeover` the client did not
+ * offer).
  * @returns The parameters and the response header, or undefined when no offer
  * can be accepted (the 101 then carries no `Sec-WebSocket-Extensions`).
  *
@@ -230,13 +231,13 @@ export function negotiateDeflate(
     const offer = readParameters(extension.params);
     if (typeof offer === "string") continue; // declined: try the next offer
     const serverMaxWindowBits = offer.serverMaxWindowBits ?? 15;
-    // server_no_context_takeover may always be answered (section 7.1.1.1):
-    // we never use takeover ourselves. Allowing the client to use it, we
-    // echo its own client_no_context_takeover only.
+    // Either *_no_context_takeover may always be answered (sections 7.1.1.1
+    // and 7.1.1.2); with takeover allowed, only what the client offered is.
+    const serverNoContextTakeover = !takeover || offer.serverNoContextTakeover;
     const clientNoContextTakeover = !takeover || offer.clientNoContextTakeover;
-    let header = clientNoContextTakeover
-      ? DEFLATE_ANSWER
-      : "permessage-deflate; server_no_context_takeover";
+    let header = EXTENSION_NAME;
+    if (serverNoContextTakeover) header += "; server_no_context_takeover";
+    if (clientNoContextTakeover) header += "; client_no_context_takeover";
     if (offer.serverMaxWindowBits !== undefined) {
       header += `; server_max_window_bits=${serverMaxWindowBits}`;
     }
@@ -244,7 +245,7 @@ export function negotiateDeflate(
     // so the client keeps whatever it announced (section 7.1.2.2).
     return {
       parameters: {
-        serverNoContextTakeover: true,
+        serverNoContextTakeover,
         clientNoContextTakeover,
         serverMaxWindowBits,
         clientMaxWindowBits: 15,
@@ -267,7 +268,8 @@ export function negotiateDeflate(
  * @param options `offered: false` when the request carried no offer: any
  * extension in the answer is then refused (default true).
  * `contextTakeover`: the offer was {@linkcode DEFLATE_TAKEOVER_OFFER}, so
- * an answer without `server_no_context_takeover` is accepted.
+ * an answer without `server_no_context_takeover` is accepted, and the client
+ * keeps its window unless the answer has `client_no_context_takeover`.
  * @returns The negotiated parameters, or undefined when the server declined
  * compression (no extension in the answer).
  * @throws {ExtensionNegotiationError} When the answer is malformed, names an
@@ -328,7 +330,9 @@ export function acceptDeflateResponse(
     }
     result = {
       serverNoContextTakeover: answer.serverNoContextTakeover,
-      clientNoContextTakeover: answer.clientNoContextTakeover,
+      // Without takeover the offer had client_no_context_takeover, which
+      // binds the client whatever the answer (section 7.1.1.2).
+      clientNoContextTakeover: answer.clientNoContextTakeover || !takeover,
       serverMaxWindowBits: answer.serverMaxWindowBits ?? 15,
       clientMaxWindowBits: answer.clientMaxWindowBits ?? 15,
     };

@@ -31,9 +31,11 @@
 import zlib from "node:zlib";
 import {
   compressMessage,
+  type DeflateSettings,
   MessageInflater,
   STREAM_DEFLATE,
 } from "../_deflate_stream.ts";
+import { ContextDeflater } from "../_deflate_context.ts";
 
 function jsonText(size: number): Uint8Array {
   let text = "";
@@ -74,10 +76,19 @@ const SIZES = [
 ] as const;
 /** The node:zlib engine, as `compressionLevel` and small windows select it. */
 const ZLIB_ENGINES = [
-  ["level 1", { level: 1, windowBits: 15 }],
-  ["level 6", { level: 6, windowBits: 15 }],
-  ["level 1, 10-bit window", { level: 1, windowBits: 10 }],
+  ["level 1", { level: 1, windowBits: 15, contextTakeover: false }],
+  ["level 6", { level: 6, windowBits: 15, contextTakeover: false }],
+  [
+    "level 1, 10-bit window",
+    { level: 1, windowBits: 10, contextTakeover: false },
+  ],
 ] as const;
+/** Context takeover at level 1: one stream for every message of a bench. */
+const TAKEOVER: DeflateSettings = {
+  level: 1,
+  windowBits: 15,
+  contextTakeover: true,
+};
 const TAIL = new Uint8Array([0x00, 0x00, 0xff, 0xff]);
 const inflater = new MessageInflater();
 const options = { final: true, limit: Infinity };
@@ -110,6 +121,15 @@ for (const [label, size] of SIZES) {
       await compressMessage(data, settings);
     });
   }
+  // The same message each time: after the first, a reference to it.
+  const context = new ContextDeflater(TAKEOVER);
+  Deno.bench(
+    "compressMessage(), context takeover, level 1",
+    { group },
+    async () => {
+      await compressMessage(data, TAKEOVER, context);
+    },
+  );
   Deno.bench("node:zlib deflateRawSync", { group }, () => {
     zlib.deflateRawSync(data, { finishFlush: zlib.constants.Z_SYNC_FLUSH });
   });

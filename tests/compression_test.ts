@@ -1320,67 +1320,175 @@ for (
 
 // ------------------------------------------- context takeover (opt in)
 
-/** A peer's compressor with context takeover: one zlib stream, flushed per message. */
-function takeoverDeflater() {
-  const deflater = zlib.createDeflateRaw();
+/** What `role` agreed to with a peer that offered or answered plain deflate. */
+function takeoverParameters(role: Role): DeflateParameters {
+  const takeover = { contextTakeover: true };
+  return role === "server"
+    ? negotiateDeflate("permessage-deflate", takeover)!.parameters
+    : acceptDeflateResponse("permessage-deflate", takeover)!;
+}
+
+/** A peer's zlib stream with context takeover: each push is sync-flushed. */
+function takeoverStream(stream: zlib.DeflateRaw | zlib.InflateRaw) {
   const chunks: Uint8Array[] = [];
-  deflater.on(
-    "data",
-    (chunk: Uint8Array) => chunks.push(new Uint8Array(chunk)),
-  );
+  stream.on("data", (chunk: Uint8Array) => chunks.push(new Uint8Array(chunk)));
   return {
-    /** The message's payload, its 00 00 ff ff tail removed (section 7.2.1). */
-    compress(text: string): Promise<Uint8Array> {
-      return new Promise((resolve) => {
-        deflater.write(utf8(text));
-        deflater.flush(zlib.constants.Z_SYNC_FLUSH, () => {
-          const all = concat(...chunks.splice(0));
-          resolve(all.subarray(0, all.length - 4));
+    push(bytes: Uint8Array): Promise<Uint8Array> {
+      return new Promise((resolve, reject) => {
+        stream.once("error", reject);
+        stream.write(bytes);
+        stream.flush(zlib.constants.Z_SYNC_FLUSH, () => {
+          stream.off("error", reject);
+          resolve(concat(...chunks.splice(0)));
         });
       });
     },
-    close: () => deflater.close(),
+    close: () => stream.close(),
   };
 }
 
-Deno.test("negotiation with contextTakeover lets the peer keep its context, and only then", () => {
-  const server = negotiateDeflate(
-    "permessage-deflate; client_max_window_bits",
-    {
-      contextTakeover: true,
+/** A peer's compressor with context takeover. */
+function takeoverDeflater() {
+  const stream = takeoverStream(zlib.createDeflateRaw());
+  return {
+    /** The message's payload, its 00 00 ff ff tail removed (section 7.2.1). */
+    async compress(text: string): Promise<Uint8Array> {
+      const all = await stream.push(utf8(text));
+      return all.subarray(0, all.length - TAIL.length);
     },
+    close: stream.close,
+  };
+}
+
+/** A peer's inflater with context takeover. */
+function takeoverInflater() {
+  const stream = takeoverStream(zlib.createInflateRaw());
+  return {
+    /** The text of a message's payload, with its tail put back (7.2.2). */
+    async inflate(payload: Uint8Array): Promise<string> {
+      return decoder.decode(await stream.push(concat(payload, TAIL)));
+    },
+    close: stream.close,
+  };
+}
+
+Deno.test("negotiation with contextTakeover keeps the context in each direction not refused, and only then", () => {
+  const takeover = { contextTakeover: true };
+  const both = negotiateDeflate(
+    "permessage-deflate; client_max_window_bits",
+    takeover,
   )!;
-  assert.equal(server.header, "permessage-deflate; server_no_context_takeover");
-  assert.equal(server.parameters.clientNoContextTakeover, false);
-  // A client that promised not to use it keeps its promise in the answer.
-  assert.equal(
-    negotiateDeflate("permessage-deflate; client_no_context_takeover", {
-      contextTakeover: true,
-    })!.parameters.clientNoContextTakeover,
-    true,
-  );
-  assert.equal(
-    negotiateDeflate("permessage-deflate")!.parameters.clientNoContextTakeover,
-    true,
-  );
-  const client = acceptDeflateResponse("permessage-deflate", {
-    contextTakeover: true,
-  })!;
+  assert.equal(both.header, "permessage-deflate");
+  assert.equal(both.parameters.serverNoContextTakeover, false);
+  assert.equal(both.parameters.clientNoContextTakeover, false);
+  // What the client refuses or promises is kept, in the answer too.
+  for (const side of ["server", "client"] as const) {
+    const refused = `${side}_no_context_takeover`;
+    const answer = negotiateDeflate(
+      `permessage-deflate; ${refused}`,
+      takeover,
+    )!;
+    assert.equal(answer.header, `permessage-deflate; ${refused}`);
+    assert.equal(
+      answer.parameters.serverNoContextTakeover,
+      side === "server",
+    );
+    assert.equal(
+      answer.parameters.clientNoContextTakeover,
+      side === "client",
+    );
+  }
+  // Without the option, neither direction keeps it.
+  const plain = negotiateDeflate("permessage-deflate")!.parameters;
+  assert.equal(plain.serverNoContextTakeover, true);
+  assert.equal(plain.clientNoContextTakeover, true);
+
+  const client = acceptDeflateResponse("permessage-deflate", takeover)!;
   assert.equal(client.serverNoContextTakeover, false);
+  assert.equal(client.clientNoContextTakeover, false);
+  assert.equal(
+    acceptDeflateResponse(
+      "permessage-deflate; client_no_context_takeover",
+      takeover,
+    )!.clientNoContextTakeover,
+    true,
+  );
+  // DEFLATE_OFFER had client_no_context_takeover: it binds the client even
+  // when the answer leaves it out (RFC 7692 section 7.1.1.2).
+  assert.equal(
+    acceptDeflateResponse("permessage-deflate; server_no_context_takeover")!
+      .clientNoContextTakeover,
+    true,
+  );
   assert.throws(
     () => acceptDeflateResponse("permessage-deflate"),
     /"server_no_context_takeover" is missing/,
   );
 });
 
+/** The next message the raw peer reads: RSV1 of its first frame, its payload. */
+async function nextMessage(
+  reader: FrameReader,
+): Promise<{ rsv: number; payload: Uint8Array }> {
+  const first = (await reader.next())!;
+  const payloads = [first.payload];
+  for (let frame = first; !frame.fin;) {
+    frame = (await reader.next())!;
+    payloads.push(frame.payload);
+  }
+  return { rsv: first.rsv, payload: concat(...payloads) };
+}
+
+for (const role of ROLES) {
+  Deno.test(`${role}: compresses with context takeover, across an idle pause, a level change, a streamed and a prepared message`, async () => {
+    const { conn, remote, reader } = compressedPeer(role, {
+      compression: takeoverParameters(role),
+    });
+    const peer = takeoverInflater();
+    const text = jsonText(5000);
+    const sizes: number[] = [];
+    const receive = async () => {
+      const { rsv, payload } = await nextMessage(reader);
+      assert.equal(rsv, 4, "the message was not compressed");
+      sizes.push(payload.length);
+      assert.equal(await peer.inflate(payload), text);
+    };
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    await receive();
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    await receive();
+    // Past the sweep (1-2 s idle): the zlib state is freed, the history kept.
+    await new Promise((resolve) => setTimeout(resolve, 2500));
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    await receive();
+    conn.setCompressionLevel(1);
+    await conn.writeMessage(MESSAGE_TYPE.Text, text);
+    await receive();
+    const writer = conn.nextWriter(MESSAGE_TYPE.Text);
+    await writer.write(text.slice(0, 2000));
+    await writer.write(text.slice(2000));
+    await writer.close();
+    await receive();
+    await conn.writePreparedMessage(
+      new PreparedMessage(MESSAGE_TYPE.Text, text),
+    );
+    await receive();
+    // Every later copy refers back to the first (on its own, each would
+    // compress to as much as the first did).
+    assert.ok(
+      sizes.slice(1).every((size) => size < sizes[0] / 2),
+      String(sizes),
+    );
+    peer.close();
+    conn.close();
+    remote.close();
+  });
+}
+
 for (const role of ROLES) {
   Deno.test(`${role}: inflates a peer's context takeover, across an idle pause that frees the inflater`, async () => {
-    const parameters = role === "server"
-      ? negotiateDeflate("permessage-deflate", { contextTakeover: true })!
-        .parameters
-      : acceptDeflateResponse("permessage-deflate", { contextTakeover: true })!;
     const { conn, remote, send } = compressedPeer(role, {
-      compression: parameters,
+      compression: takeoverParameters(role),
     });
     const peer = takeoverDeflater();
     const text = jsonText(5000);
@@ -1447,6 +1555,8 @@ Deno.test("ws in its default mode (context takeover) echoes through an Upgrader 
       const echoing = accepted.then(echo);
       await new Promise((resolve) => ws.once("open", resolve));
       for (let i = 0; i < 5; i++) {
+        // Past the sweep: both our zlib streams are rebuilt from history.
+        if (i === 3) await new Promise((resolve) => setTimeout(resolve, 2500));
         const reply = new Promise<string>((resolve) =>
           ws.once(
             "message",
@@ -1456,10 +1566,9 @@ Deno.test("ws in its default mode (context takeover) echoes through an Upgrader 
         ws.send(text);
         assert.equal(await reply, text);
       }
-      assert.equal(
-        (await accepted).compression?.clientNoContextTakeover,
-        false,
-      );
+      const { compression } = await accepted;
+      assert.equal(compression?.clientNoContextTakeover, false);
+      assert.equal(compression?.serverNoContextTakeover, false);
       const closed = new Promise((resolve) => ws.once("close", resolve));
       ws.close(1000);
       await closed;
@@ -1489,6 +1598,7 @@ Deno.test("ws in its default mode (context takeover) echoes through an Upgrader 
     })
       .dial(`ws://127.0.0.1:${port}/`);
     assert.equal(conn.compression?.serverNoContextTakeover, false);
+    assert.equal(conn.compression?.clientNoContextTakeover, false);
     for (let i = 0; i < 5; i++) {
       await conn.writeMessage(MESSAGE_TYPE.Text, text);
       assert.equal(decoder.decode((await conn.readMessage()).data), text);

@@ -164,10 +164,12 @@ Deno.test("negotiateDeflate() echoes a server_max_window_bits below 15; the serv
   assert.deepEqual(deflateSettings(result!.parameters, "server", undefined), {
     level: undefined,
     windowBits: 10,
+    contextTakeover: false,
   });
   assert.deepEqual(deflateSettings(result!.parameters, "client", 1), {
     level: 1,
     windowBits: 15,
+    contextTakeover: false,
   });
   const eight = negotiateDeflate(
     "permessage-deflate; server_max_window_bits=8",
@@ -280,8 +282,10 @@ Deno.test("acceptDeflateResponse() returns undefined when the server declined", 
 
 Deno.test("acceptDeflateResponse() accepts every answer it can honour", () => {
   const cases: [string, Partial<DeflateParameters>][] = [
+    // DEFLATE_OFFER's client_no_context_takeover binds the client even when
+    // the answer leaves it out (RFC 7692 section 7.1.1.2).
     ["permessage-deflate; server_no_context_takeover", {
-      clientNoContextTakeover: false,
+      clientNoContextTakeover: true,
     }],
     [ANSWER, { clientNoContextTakeover: true }],
     [`${ANSWER}; server_max_window_bits=9`, { serverMaxWindowBits: 9 }],

@@ -66,10 +66,13 @@ export const READ_LIMIT = 4 * 1024 * 1024;
 export async function echo(conn: Conn): Promise<void> {
   try {
     for (;;) {
-      // Disposing each message once echoed hands its memory back for the
-      // next one: large messages then cost no fresh pages.
-      using message = await conn.readMessage();
+      const message = await conn.readMessage();
       await conn.writeMessage(message.type, message.data);
+      // Disposing each message once echoed hands its memory back for the
+      // next one: large messages then cost no fresh pages. Called directly,
+      // as `using` costs ~0.3 us a message in Deno 2.9 (a third of a small
+      // echo's time).
+      message[Symbol.dispose]();
     }
   } catch (error) {
     // A peer that broke the protocol or a limit was told why in the close
