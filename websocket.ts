@@ -205,8 +205,6 @@ export class WebSocket extends EventTarget {
   readonly #abort = new AbortController();
   /** The peer's close frame, once it arrived: the close is clean. */
   #peerClose: { code: number; reason: string } | undefined;
-  /** The peer did not answer a keepalive ping (`idleTimeout`). */
-  #unanswered = false;
   /** Sends waiting behind a Blob being read, so that order is kept. */
   #queue: Promise<void> | undefined;
   readonly #handlers = new Map<string, ((event: Event) => unknown) | null>();
@@ -483,7 +481,6 @@ export class WebSocket extends EventTarget {
       } catch (error) {
         if (error instanceof CloseError && this.#peerClose === undefined) {
           this.#peerClose = { code: error.code, reason: error.text };
-          this.#unanswered = error.text === KEEPALIVE_EXPIRED;
         }
         break;
       }
@@ -520,7 +517,7 @@ export class WebSocket extends EventTarget {
     let code: number = CLOSE_CODE.AbnormalClosure;
     let reason = "";
     if (clean) ({ code, reason } = this.#peerClose!);
-    else if (this.#unanswered) {
+    else if (this.#peerClose?.reason === KEEPALIVE_EXPIRED) {
       code = CLOSE_CODE.GoingAway;
       reason = "No response from ping frame.";
     }

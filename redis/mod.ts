@@ -14,16 +14,13 @@
  *
  * @example Two processes, one room
  * ```ts ignore
- * import { createClient } from "npm:redis@4";
  * import { Topics } from "@denows/websocket";
- * import { RedisBroker } from "@denows/websocket/redis";
+ * import { RedisBroker, type RedisClient } from "@denows/websocket/redis";
  *
- * const client = () =>
- *   createClient({ url: "redis://127.0.0.1:6379", disableOfflineQueue: true })
- *     .on("error", console.error); // an unheard 'error' ends the process
- * const publisher = client();
- * const subscriber = client();
- * await Promise.all([publisher.connect(), subscriber.connect()]);
+ * // Two connected clients of the `redis` package, each made with
+ * // createClient({ url, disableOfflineQueue: true }) and given an "error"
+ * // listener (an unheard "error" ends the process).
+ * declare const publisher: RedisClient, subscriber: RedisClient;
  * const topics = new Topics({ broker: new RedisBroker({ publisher, subscriber }) });
  * // topics.subscribe(conn, "room") and topics.publish("room", text) as
  * // usual: every process that does the same shares the room.

@@ -505,9 +505,10 @@ Deno.test("idleTimeout: a peer that does not answer the ping is closed with 1001
     const log = await server.log;
     conn.close();
     await server.close();
-    // Half the timeout in silence, then the ping; the other half unanswered.
-    assert.ok(pinged >= 400 && pinged < 900, `${kind}: pinged at ${pinged}`);
-    assert.ok(closed >= 900 && closed < 1500, `${kind}: closed at ${closed}`);
+    // Half the timeout in silence, then the ping; the other half unanswered
+    // (the upper bounds leave room for a loaded machine, below twice that).
+    assert.ok(pinged >= 400 && pinged < 1500, `${kind}: pinged at ${pinged}`);
+    assert.ok(closed >= 900 && closed < 2500, `${kind}: closed at ${closed}`);
     results.push({
       ping: ping?.opcode,
       close: close && parseClose(close.payload).code,
