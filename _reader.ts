@@ -132,9 +132,10 @@ export interface ReaderOptions {
 
 /**
  * Read buffer of an idle connection: its pending read holds only this much,
- * and it grows to the read buffer size once a read fills it.
+ * and it grows to the read buffer size once a read fills it. Room for a
+ * small message whole (a chat line, a ping); every idle connection pays it.
  */
-const IDLE_READ_SIZE = 512;
+const IDLE_READ_SIZE = 128;
 /** A lent read buffer is read on into only while this much is free. */
 const MIN_TAIL = 128;
 /** Largest piece a message payload is allocated in before it arrives. */
@@ -220,6 +221,15 @@ export class Reader {
   /** Inflated bytes a streaming reader has not taken yet, and its offset. */
   #inflated: Uint8Array[] | undefined;
   #inflatedPos = 0;
+  /** Where the idle wait of #nextMessage is reading into. */
+  #filling: Uint8Array = EMPTY;
+  /**
+   * That wait's handlers, made once per connection: each wait then costs
+   * its promise and one reaction, and leaves no closures behind.
+   */
+  readonly #onFilled = (n: number | null) => this.#filled(n);
+  readonly #onReadFailed = (error: unknown) =>
+    this.#readFailed(this.#readError(error));
 
   constructor(
     transport: ReadTransport,
@@ -301,34 +311,82 @@ export class Reader {
     wakeAll(this.#readBegun);
   }
 
-  /** Reads the next data message whole (see `Conn.readMessage`). */
-  async readMessage(signal: AbortSignal | undefined): Promise<Message> {
-    if (this.#draining !== undefined) await this.#draining;
-    this.#beginRead("read message", signal);
+  /**
+   * Reads the next data message whole (see `Conn.readMessage`).
+   *
+   * Not an async function, and neither is the wait for bytes in
+   * #nextMessage: an idle connection then holds its transport read and one
+   * reaction to it, not a suspended call with its registers and await
+   * closures (about half a KiB, measured in heap snapshots). The first such
+   * wait outlives a young-generation collection, so what it holds would also
+   * stay behind as old-space garbage once the first message arrived.
+   */
+  readMessage(signal: AbortSignal | undefined): Promise<Message> {
+    if (this.#draining !== undefined) {
+      return this.#draining.then(() => this.readMessage(signal));
+    }
     try {
-      while (!this.#messagePending) {
+      this.#beginRead("read message", signal);
+      return Promise.resolve(this.#nextMessage());
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  /**
+   * Within a read begun by readMessage(): the message when the buffer holds
+   * it whole, otherwise the promise of it. Either way the read ends with it,
+   * and a failure fails the connection where it must.
+   */
+  #nextMessage(): Message | Promise<Message> {
+    try {
+      if (!this.#messagePending) {
         const fast = this.#tryWholeMessage();
         if (fast !== undefined) {
           // More frames wait in the buffer: answers to them can share a write.
           this.#burst = this.#wholeFrameBuffered();
           this.#hooks.burst(this.#burst);
           this.#handling = true;
+          this.#endRead();
           return fast;
         }
-        // An idle connection waits right here, so that all it holds while
-        // idle is this one suspended call and its read.
-        if (this.#rpos !== this.#rend) break;
-        const space = this.#prepareFill(MAX_HEADER_LENGTH);
-        let n: number | null;
-        try {
-          n = await this.#startRead(space);
-        } catch (error) {
-          throw this.#readError(error);
+        // An idle connection waits right here (see readMessage).
+        if (this.#rpos === this.#rend) {
+          this.#filling = this.#prepareFill(MAX_HEADER_LENGTH);
+          return this.#startRead(this.#filling).then(
+            this.#onFilled,
+            this.#onReadFailed,
+          );
         }
-        if (n === null) throw unexpectedEOF();
-        this.#arrivals++;
-        this.#commitFill(space, n);
       }
+    } catch (error) {
+      this.#readFailed(error);
+    }
+    return this.#readMessageSlowly();
+  }
+
+  /** `n` bytes arrived for the idle wait of #nextMessage. */
+  #filled(n: number | null): Message | Promise<Message> {
+    const space = this.#filling;
+    this.#filling = EMPTY;
+    if (n === null) this.#readFailed(unexpectedEOF());
+    this.#arrivals++;
+    this.#commitFill(space, n);
+    return this.#nextMessage();
+  }
+
+  /** Ends the read of #nextMessage with `error`. */
+  #readFailed(error: unknown): never {
+    this.#endRead();
+    throw this.#failRead(error);
+  }
+
+  /**
+   * The rest of readMessage() once a frame header is buffered: a message
+   * that is fragmented, compressed, large, or not all here yet.
+   */
+  async #readMessageSlowly(): Promise<Message> {
+    try {
       await this.#startMessage();
       const type = this.#messageType;
       // Payload is allocated as it arrives, in pieces that start at
