@@ -11,19 +11,30 @@ export interface HijackedConnection {
   head: Uint8Array;
   /**
    * Registers how `serve()` closes this connection: with 1001 on graceful
-   * shutdown, with 1011 when the handler that took it fails. Returns a
-   * function that unregisters it; call it once the connection has ended so
-   * a long-running server does not keep closers of dead connections.
+   * shutdown, with 1011 when the handler that took it fails.
    */
-  track(closer: Closer): () => void;
+  track(closer: Closer): void;
+  /**
+   * Unregisters `closer`; call it once the connection has ended so a
+   * long-running server does not keep closers of dead connections. The same
+   * function for every connection of a server, so keeping it costs nothing.
+   */
+  untrack(closer: Closer): void;
 }
 
 /**
- * Closes a taken connection with a close code, waiting up to `timeoutMs`
- * for the closing handshake (the Upgrader's closer; before the 101 it just
- * closes the socket).
+ * How `serve()` closes a connection it handed over. An object rather than a
+ * function, so that the Upgrader's transport can be its own closer instead
+ * of keeping a closure (and its scope) per connection.
  */
-export type Closer = (code: number, timeoutMs: number) => Promise<void>;
+export interface Closer {
+  /**
+   * Closes the taken connection with a close code, waiting up to
+   * `timeoutMs` for the closing handshake (before the 101 it just closes
+   * the socket).
+   */
+  closeWith(code: number, timeoutMs: number): Promise<void>;
+}
 
 /**
  * What `_serve.ts` registers per request: a function that hands the socket

@@ -203,9 +203,10 @@ export class Reader {
   #reading = false;
   #readSignal: AbortSignal | undefined;
   #readErr: unknown;
-  #readIdle: (() => void)[] = [];
-  /** Waiting for the application to start its next read. */
-  #readBegun: (() => void)[] = [];
+  /** Waiting for the read in progress to end (made on first wait). */
+  #readIdle: (() => void)[] | undefined;
+  /** Waiting for the application to start its next read (made on first wait). */
+  #readBegun: (() => void)[] | undefined;
   /** The application read a message and has not started the next read. */
   #handling = false;
   #draining: Promise<void> | undefined;
@@ -283,12 +284,16 @@ export class Reader {
 
   /** Resolves when the application starts its next read (or on close). */
   nextReadBegun(): Promise<void> {
-    return new Promise<void>((resolve) => this.#readBegun.push(resolve));
+    return new Promise<void>((resolve) =>
+      (this.#readBegun ??= []).push(resolve)
+    );
   }
 
   /** Resolves when the read in progress ends. */
   idle(): Promise<void> {
-    return new Promise<void>((resolve) => this.#readIdle.push(resolve));
+    return new Promise<void>((resolve) =>
+      (this.#readIdle ??= []).push(resolve)
+    );
   }
 
   /** Sets the largest message accepted, in bytes (0: no limit). */
@@ -1042,8 +1047,8 @@ export class Reader {
 }
 
 /** Wakes and forgets every waiter of a list. */
-function wakeAll(waiters: (() => void)[]): void {
-  if (waiters.length === 0) return;
+function wakeAll(waiters: (() => void)[] | undefined): void {
+  if (waiters === undefined || waiters.length === 0) return;
   for (const wake of waiters.splice(0)) wake();
 }
 

@@ -472,19 +472,23 @@ class HttpServer implements Server {
     return plainResponse(500);
   }
 
-  /** Registers a WebSocket closer for shutdown; returns its unregister. */
-  track(closer: Closer): () => void {
+  /** Registers a WebSocket closer for shutdown. */
+  track(closer: Closer): void {
     if (this.#closingWebSockets !== undefined) {
       // Upgraded while shutdown is closing WebSockets: close it right away.
       const closing = Promise.resolve().then(() =>
-        closer(CLOSE_CODE.GoingAway, this.#closingWebSockets!)
+        closer.closeWith(CLOSE_CODE.GoingAway, this.#closingWebSockets!)
       );
       closing.catch(() => {});
-      return () => {};
+      return;
     }
     this.#closers.add(closer);
-    return () => this.#closers.delete(closer);
   }
+
+  /** Unregisters a closer: one function per server, handed to every taker. */
+  readonly untrack = (closer: Closer): void => {
+    this.#closers.delete(closer);
+  };
 
   forget(connection: HttpConnection): void {
     this.#connections.delete(connection);
@@ -537,7 +541,9 @@ class HttpServer implements Server {
       this.#closingWebSockets = timeout;
       for (const closer of this.#closers) {
         waits.push(
-          Promise.resolve().then(() => closer(CLOSE_CODE.GoingAway, timeout)),
+          Promise.resolve().then(() =>
+            closer.closeWith(CLOSE_CODE.GoingAway, timeout)
+          ),
         );
       }
       this.#closers.clear();
@@ -584,7 +590,9 @@ const FAILED_CLOSE_TIMEOUT = 1000;
  * a handler that fails afterwards is reported as one that fails before it,
  * and its WebSocket is closed with 1011 (RFC 6455 section 7.4.1). It holds
  * neither the Request nor the HttpConnection, which live no longer than the
- * handshake, only the request line for the log and the Upgrader's closer.
+ * handshake, only the request line for the log and the Upgrader's closer;
+ * and it lives only as long as the handler runs (the closer unregisters
+ * itself from the server, not through this).
  */
 class Takeover {
   readonly #server: HttpServer;
@@ -597,13 +605,9 @@ class Takeover {
   }
 
   /** The HijackedConnection's `track`, keeping the closer for `failed()`. */
-  track(closer: Closer): () => void {
+  track(closer: Closer): void {
     this.#closer = closer;
-    const untrack = this.#server.track(closer);
-    return () => {
-      this.#closer = undefined;
-      untrack();
-    };
+    this.#server.track(closer);
   }
 
   /** The handler rejected after taking the connection. */
@@ -619,7 +623,7 @@ class Takeover {
     this.#server.errorResponse(error, this.#request).then(
       (response) => response.body?.cancel().catch(noop),
     );
-    this.#closer?.(CLOSE_CODE.InternalServerErr, FAILED_CLOSE_TIMEOUT)
+    this.#closer?.closeWith(CLOSE_CODE.InternalServerErr, FAILED_CLOSE_TIMEOUT)
       .catch(noop);
   }
 }
@@ -1110,6 +1114,7 @@ class HttpConnection implements BodySource {
       conn: this.#conn,
       head,
       track: (closer) => takeover.track(closer),
+      untrack: this.#server.untrack,
     };
   }
 

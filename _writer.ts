@@ -337,17 +337,19 @@ export class Writer {
   #wbuf: Uint8Array | undefined;
   #wstart = 0;
   #wlen = 0;
+  // The lists below are made when first needed and dropped once used, so
+  // an idle connection holds none of them.
   /** Completed pieces of the batch being assembled, in order. */
-  #segments: Uint8Array[] = [];
+  #segments: Uint8Array[] | undefined;
   /** Write buffers used by the batch being assembled. */
-  #batchBuffers: Uint8Array[] = [];
+  #batchBuffers: Uint8Array[] | undefined;
   /** Pooled memory of masked payloads queued since the last batch. */
   #scratch: ArrayBuffer[] | undefined;
   #batch: Batch | undefined;
   #inFlight: Batch | undefined;
   /** Bytes queued or in flight. */
   #queued = 0;
-  #roomWaiters: (() => void)[] = [];
+  #roomWaiters: (() => void)[] | undefined;
   /** Made on first use: a Conn that never sets one pays nothing for it. */
   #deadline: Deadline | undefined;
   #error: unknown;
@@ -568,14 +570,15 @@ export class Writer {
     if (this.#queued <= QUEUE_LIMIT || this.#error !== undefined) {
       return RESOLVED;
     }
-    return new Promise<void>((resolve) => this.#roomWaiters.push(resolve))
-      .then(() => this.room());
+    return new Promise<void>((resolve) =>
+      (this.#roomWaiters ??= []).push(resolve)
+    ).then(() => this.room());
   }
 
   #wakeRoom(): void {
-    if (this.#roomWaiters.length === 0) return;
     const waiters = this.#roomWaiters;
-    this.#roomWaiters = [];
+    if (waiters === undefined) return;
+    this.#roomWaiters = undefined;
     for (const wake of waiters) wake();
   }
 
@@ -612,16 +615,16 @@ export class Writer {
       const frame = new Uint8Array(payload.buffer, start, size);
       writeHeader(frame, 0, b0, length, undefined);
       this.#cutSegment();
-      this.#segments.push(frame);
+      (this.#segments ??= []).push(frame);
       byReference = true;
     } else {
       const buf = this.#reserve(MAX_HEADER_LENGTH);
       this.#wlen += writeHeader(buf, this.#wlen, b0, length, key);
       this.#cutSegment();
       if (key !== undefined) {
-        this.#segments.push(this.#maskedCopy(payload, key));
+        (this.#segments ??= []).push(this.#maskedCopy(payload, key));
       } else {
-        this.#segments.push(payload);
+        (this.#segments ??= []).push(payload);
         byReference = true;
       }
     }
@@ -656,7 +659,7 @@ export class Writer {
       this.#wlen += frame.length;
     } else {
       this.#cutSegment();
-      this.#segments.push(frame);
+      (this.#segments ??= []).push(frame);
     }
     return this.#queue(frame.length, false);
   }
@@ -703,7 +706,7 @@ export class Writer {
     if (buf !== undefined && buf.length - this.#wlen >= size) return buf;
     if (buf !== undefined) {
       this.#cutSegment();
-      this.#batchBuffers.push(buf);
+      (this.#batchBuffers ??= []).push(buf);
     }
     const pooled = this.#pool === undefined
       ? freeWriteBuffers.get(this.#bufferSize)?.pop()
@@ -723,7 +726,9 @@ export class Writer {
   /** Ends the open piece of the coalescing buffer as a segment. */
   #cutSegment(): void {
     if (this.#wbuf !== undefined && this.#wlen > this.#wstart) {
-      this.#segments.push(this.#wbuf.subarray(this.#wstart, this.#wlen));
+      (this.#segments ??= []).push(
+        this.#wbuf.subarray(this.#wstart, this.#wlen),
+      );
       this.#wstart = this.#wlen;
     }
   }
@@ -739,10 +744,10 @@ export class Writer {
       this.#batch = undefined;
       this.#inFlight = batch;
       this.#cutSegment();
-      const segments = this.#segments;
-      this.#segments = [];
-      const buffers = this.#batchBuffers;
-      this.#batchBuffers = [];
+      const segments = this.#segments ?? [];
+      this.#segments = undefined;
+      const buffers = this.#batchBuffers ?? [];
+      this.#batchBuffers = undefined;
       const scratch = this.#scratch;
       this.#scratch = undefined;
       if (this.#wbuf !== undefined) buffers.push(this.#wbuf);
@@ -795,8 +800,8 @@ export class Writer {
   #rejectQueued(error: unknown): void {
     const batch = this.#batch;
     this.#batch = undefined;
-    this.#segments = [];
-    this.#batchBuffers = [];
+    this.#segments = undefined;
+    this.#batchBuffers = undefined;
     this.#scratch = undefined;
     this.#wbuf = undefined;
     this.#wstart = this.#wlen = 0;

@@ -41,7 +41,11 @@
 import { type BufferPool, Conn, type Transport } from "./conn.ts";
 import { negotiateDeflate } from "./deflate.ts";
 import { CLOSE_CODE } from "./frame.ts";
-import { type HijackedConnection, takeConnection } from "./_hijack.ts";
+import {
+  type Closer,
+  type HijackedConnection,
+  takeConnection,
+} from "./_hijack.ts";
 import { closeQuietly, lingeringClose, writeAll } from "./_io.ts";
 import {
   computeAcceptKey,
@@ -182,29 +186,29 @@ export interface UpgradeConnectionOptions {
 interface Handover {
   transport: Transport & { closeWrite?(): Promise<void> };
   head: Uint8Array;
-  /** serve()'s shutdown registry; returns the closer's unregister. */
-  track?: HijackedConnection["track"];
+  /** serve()'s shutdown registry. */
+  registry?: Pick<HijackedConnection, "track" | "untrack">;
 }
 
 /**
- * Forwards to a transport taken from serve(), registers the closer that
- * graceful shutdown calls, and unregisters it when the transport is closed.
+ * Forwards to a transport taken from serve(), and is the closer graceful
+ * shutdown calls: registered from the start, unregistered when the
+ * transport is closed. Being its own closer, it keeps no closure (and no
+ * scope holding the Request) for as long as the connection lives.
  */
-class UntrackOnClose implements Transport {
+class UntrackOnClose implements Transport, Closer {
   /** The connection built over this transport, once the 101 is out. */
   conn: Conn | undefined;
   #inner: Handover["transport"];
-  #untrack: () => void;
+  #untrack: HijackedConnection["untrack"];
 
-  // The closer is made here, not in the handshake: a closure there would
-  // share its scope with the Request and its headers and keep them alive
-  // for as long as the connection lives.
   constructor(
     inner: Handover["transport"],
-    track: NonNullable<Handover["track"]>,
+    registry: NonNullable<Handover["registry"]>,
   ) {
     this.#inner = inner;
-    this.#untrack = track((code, timeoutMs) => this.#close(code, timeoutMs));
+    this.#untrack = registry.untrack;
+    registry.track(this);
   }
 
   get localAddr(): Deno.Addr | undefined {
@@ -236,7 +240,7 @@ class UntrackOnClose implements Transport {
   }
 
   close(): void {
-    this.#untrack();
+    this.#untrack(this);
     this.#inner.close();
   }
 
@@ -246,7 +250,7 @@ class UntrackOnClose implements Transport {
    * message being handled goes out before the close frame; a failed handler
    * (1011) will answer nothing more.
    */
-  #close(code: number, timeoutMs: number): Promise<void> {
+  closeWith(code: number, timeoutMs: number): Promise<void> {
     if (this.conn === undefined) {
       closeQuietly(this);
       return Promise.resolve();
@@ -413,7 +417,7 @@ export class Upgrader {
       );
     }
     return this.#handshake(
-      { transport: taken.conn, head: taken.head, track: taken.track },
+      { transport: taken.conn, head: taken.head, registry: taken },
       request,
       responseHeaders,
     );
@@ -605,9 +609,9 @@ export class Upgrader {
     // the transport (a refusal, the application, the Conn on a fatal error,
     // the closer itself) unregisters it, so a long-running server keeps no
     // closer for a connection that has ended.
-    const tracked = handover.track === undefined
+    const tracked = handover.registry === undefined
       ? undefined
-      : new UntrackOnClose(handover.transport, handover.track);
+      : new UntrackOnClose(handover.transport, handover.registry);
     const transport = tracked ?? handover.transport;
     const responseHeaders = await this.#responseHeaders(
       transport,

@@ -1123,14 +1123,17 @@ Deno.test("shutdown({ closeWebSockets }) calls tracked closers with 1001 and the
     const connection = takeConnection(request)!;
     taken.push(connection.conn);
     const path = new URL(request.url).pathname;
-    const untrack = connection.track((code, timeoutMs) => {
-      calls.push([code, timeoutMs]);
-      connection.conn.close();
-      return Promise.resolve();
-    });
+    const closer = {
+      closeWith(code: number, timeoutMs: number) {
+        calls.push([code, timeoutMs]);
+        connection.conn.close();
+        return Promise.resolve();
+      },
+    };
+    connection.track(closer);
     if (path === "/ended") {
       connection.conn.close();
-      untrack();
+      connection.untrack(closer);
     }
   });
   const clients = [];
@@ -1156,10 +1159,12 @@ Deno.test("shutdown({ closeWebSockets }) also closes a connection upgraded while
     entered.resolve();
     await release.promise;
     const connection = takeConnection(request)!;
-    connection.track((code, timeoutMs) => {
-      closed.push([code, timeoutMs]);
-      connection.conn.close();
-      return Promise.resolve();
+    connection.track({
+      closeWith(code, timeoutMs) {
+        closed.push([code, timeoutMs]);
+        connection.conn.close();
+        return Promise.resolve();
+      },
     });
   });
   const client = await RawClient.connect(server.addr.port);
@@ -1179,9 +1184,11 @@ Deno.test("shutdown() leaves taken connections open unless asked", async () => {
   const server = start((request) => {
     const connection = takeConnection(request)!;
     taken = connection.conn;
-    connection.track(() => {
-      closerCalled = true;
-      return Promise.resolve();
+    connection.track({
+      closeWith() {
+        closerCalled = true;
+        return Promise.resolve();
+      },
     });
   });
   const client = await RawClient.connect(server.addr.port);

@@ -1153,7 +1153,7 @@ Deno.test("upgrade() registers a 1001 closer with serve() and unregisters it whe
   const response = await readHead(client, { maxHeadBytes: 16384 });
   assert.ok(response !== null);
   // The closer sends close 1001 and, with no answer, gives up at its timeout.
-  await closers[0](1001, 50);
+  await closers[0].closeWith(1001, 50);
   assert.equal(conn.closed, true);
   assert.ok(state.unregistered >= 1);
   const frame = await readAll(client);
@@ -1214,7 +1214,9 @@ async function registeredConnection(request: Request) {
     head: new Uint8Array(0),
     track(closer) {
       closers.push(closer);
-      return () => state.unregistered++;
+    },
+    untrack() {
+      state.unregistered++;
     },
   }));
   return { client, closers, state };
@@ -1228,7 +1230,7 @@ Deno.test("upgrade() lets serve()'s shutdown close a connection still in its han
   const upgrading = upgrader.upgrade(request);
   await new Promise((resolve) => setTimeout(resolve, 0));
   assert.equal(closers.length, 1);
-  await closers[0](1001, 1000);
+  await closers[0].closeWith(1001, 1000);
   assert.equal(state.unregistered, 1);
   origin.resolve(true);
   await assert.rejects(upgrading, Deno.errors.BadResource);
