@@ -132,12 +132,15 @@ export interface ReaderOptions {
 
 /**
  * Read buffer of an idle connection: its pending read holds only this much,
- * and it grows to the read buffer size once a read fills it. Room for a
- * small message whole (a chat line, a ping); every idle connection pays it.
+ * and it grows to the read buffer size once a read fills it. Room for a few
+ * small messages (chat lines, pings); every idle connection pays it.
  */
-const IDLE_READ_SIZE = 128;
-/** A lent read buffer is read on into only while this much is free. */
-const MIN_TAIL = 128;
+const IDLE_READ_SIZE = 256;
+/**
+ * A lent read buffer is read on into only while this much is free: small
+ * messages then share one buffer rather than each costing a new one.
+ */
+const MIN_TAIL = 64;
 /** Largest piece a message payload is allocated in before it arrives. */
 const MAX_CHUNK = 16 * 1024 * 1024;
 /** First piece of a message payload allocated before its bytes arrive. */
