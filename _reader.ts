@@ -991,8 +991,8 @@ export class Reader {
 
   /**
    * Starts one transport read, bounded by the read deadline and signal.
-   * Not an async function: the idle wait in readMessage() awaits it
-   * directly, so an idle connection keeps no extra suspended frames.
+   * Not an async function: the idle wait of #nextMessage chains on it
+   * directly, so an idle connection keeps no suspended call.
    */
   #startRead(buffer: Uint8Array): Promise<number | null> {
     const read = this.#transport.read(buffer);
