@@ -1,7 +1,8 @@
 /**
  * The floor for idle memory: the least a Deno echo server can hold per idle
  * WebSocket connection, to compare the library's echo server against in an
- * idle-connections benchmark. It uses no library code: `Deno.listen`, a
+ * idle-connections benchmark. None of the library's connection machinery
+ * (no serve(), Upgrader or Conn), only its byte helpers: `Deno.listen`, a
  * hand-written 101, then per connection one async loop with one pending
  * 128-byte read, echoing unfragmented frames (enough for an echo benchmark's
  * checks; it is not a WebSocket server to use).
@@ -13,7 +14,11 @@
  * @module
  */
 
-const ACCEPT_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+import { headerLength, OPCODE, parseHeader, writeHeader } from "../frame.ts";
+import { computeAcceptKey } from "../_handshake.ts";
+import { concat, writeAll } from "../_io.ts";
+import { maskInPlace } from "../_mask.ts";
+
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
@@ -27,15 +32,14 @@ async function handshake(tcp: Deno.Conn): Promise<boolean> {
     const head = decoder.decode(buffer.subarray(0, length));
     if (!head.includes("\r\n\r\n")) continue;
     const key = /^sec-websocket-key:\s*(\S+)/im.exec(head)?.[1] ?? "";
-    const digest = await crypto.subtle.digest(
-      "SHA-1",
-      encoder.encode(key + ACCEPT_GUID),
+    const accept = await computeAcceptKey(key);
+    await writeAll(
+      tcp,
+      encoder.encode(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
+          `Connection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`,
+      ),
     );
-    const accept = btoa(String.fromCharCode(...new Uint8Array(digest)));
-    await tcp.write(encoder.encode(
-      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
-        `Connection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`,
-    ));
     return true;
   }
 }
@@ -47,24 +51,9 @@ async function echo(tcp: Deno.Conn): Promise<void> {
   while (true) {
     const n = await tcp.read(idle);
     if (n === null) return;
-    const joined = new Uint8Array(pending.length + n);
-    joined.set(pending);
-    joined.set(idle.subarray(0, n), pending.length);
-    pending = joined;
-    while (pending.length >= 2) {
-      let length = pending[1] & 0x7f;
-      let headerLength = 2;
-      if (length === 126) {
-        if (pending.length < 4) break;
-        length = (pending[2] << 8) | pending[3];
-        headerLength = 4;
-      } else if (length === 127) {
-        if (pending.length < 10) break;
-        length = new DataView(pending.buffer, pending.byteOffset + 6)
-          .getUint32(0);
-        headerLength = 10;
-      }
-      const frameLength = headerLength + 4 + length;
+    pending = concat([pending, idle.subarray(0, n)]);
+    for (let h = parseHeader(pending); h !== null; h = parseHeader(pending)) {
+      const frameLength = h.headerLength + h.length;
       if (pending.length < frameLength) {
         // Read the rest of a large frame straight into its own buffer.
         const frame = new Uint8Array(frameLength);
@@ -76,17 +65,12 @@ async function echo(tcp: Deno.Conn): Promise<void> {
         }
         pending = frame;
       }
-      if ((pending[0] & 0x0f) === 0x8) return;
-      const out = new Uint8Array(headerLength + length);
-      out.set(pending.subarray(0, headerLength));
-      out[1] &= 0x7f;
-      const key = pending.subarray(headerLength, headerLength + 4);
-      for (let i = 0; i < length; i++) {
-        out[headerLength + i] = pending[headerLength + 4 + i] ^ key[i & 3];
-      }
-      for (let written = 0; written < out.length;) {
-        written += await tcp.write(out.subarray(written));
-      }
+      if (h.opcode === OPCODE.Close) return;
+      const payload = pending.subarray(h.headerLength, frameLength);
+      maskInPlace(payload, h.maskKey, 0);
+      const out = new Uint8Array(headerLength(h.length, false) + h.length);
+      out.set(payload, writeHeader(out, 0, pending[0], h.length, undefined));
+      await writeAll(tcp, out);
       pending = pending.slice(frameLength);
     }
   }
